@@ -1,0 +1,48 @@
+"""lightning_fastif: FastIF influence functions for PyTorch Lightning.
+
+Public names are imported lazily, so ``import lightning_fastif.functional`` does not import Lightning, FAISS or
+W&B (importing ``lightning.pytorch`` alone takes seconds).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "ExactSolver": "lightning_fastif.functional.solvers",
+    "CGSolver": "lightning_fastif.functional.solvers",
+    "LiSSASolver": "lightning_fastif.functional.solvers",
+    "InfluenceModule": "lightning_fastif.module",
+    "InfluenceResult": "lightning_fastif.results",
+    "FeatureIndexCallback": "lightning_fastif.callbacks",
+    "InfluenceWriter": "lightning_fastif.callbacks",
+    "InfluenceStrategy": "lightning_fastif.strategy",
+    "approximation_diagnostics": "lightning_fastif.diagnostics",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_fastif' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning_fastif.callbacks import FeatureIndexCallback, InfluenceWriter
+    from lightning_fastif.diagnostics import approximation_diagnostics
+    from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver
+    from lightning_fastif.module import InfluenceModule
+    from lightning_fastif.results import InfluenceResult
+    from lightning_fastif.strategy import InfluenceStrategy

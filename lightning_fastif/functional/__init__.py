@@ -1,0 +1,1 @@
+"""Pure influence math: imports torch only."""

@@ -1,0 +1,66 @@
+"""The record of one explained query: what ``InfluenceModule.predict_step`` returns and every writer consumes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class InfluenceResult:
+    """Ranked helpful and harmful training examples of one query.
+
+    Scores follow the library's sign convention: ``I(z, z_test) = -grad L(z) . s_test``; positive = harmful
+    (up-weighting z raises the test loss), negative = helpful. Helpful ids come most negative first, harmful ids most
+    positive first. Ids are positions in the training dataset; ``query_id`` is the position of the query in its own
+    dataset.
+
+    Attributes:
+        query_id: position of the query in the query dataset.
+        label: the query's label (``None`` when the batch has none).
+        prediction: the model's predicted class (``None`` for non-classification outputs).
+        helpful_ids / helpful_scores: the most helpful training ids and their influence, most negative first.
+        harmful_ids / harmful_scores: the most harmful training ids and their influence, most positive first.
+        num_candidates: how many training examples were scored for this query.
+        query_loss: the query's loss under the model.
+        helpful_distances / harmful_distances: kNN feature distances of the listed ids (empty for a full scan).
+        extra: free-form JSON-serialisable details (timings, solver diagnostics...).
+    """
+
+    query_id: int
+    label: int | None
+    prediction: int | None
+    helpful_ids: list[int]
+    helpful_scores: list[float]
+    harmful_ids: list[int]
+    harmful_scores: list[float]
+    num_candidates: int
+    query_loss: float | None = None
+    helpful_distances: list[float] = field(default_factory=list)
+    harmful_distances: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (ints, floats, strings, lists, dicts, None); non-finite floats become None."""
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InfluenceResult:
+        """Inverse of :meth:`to_dict` (``None`` scores stay ``None``)."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # tensors and numpy scalars/arrays
+        return _plain(value.tolist())
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
