@@ -1,0 +1,310 @@
+"""A self-contained HTML report of influence results: one card per query with its most helpful and harmful examples.
+
+The file has inline CSS only, no scripts and no external assets: images are embedded as base64 PNG data URIs and
+every piece of text is HTML-escaped, so it can be mailed, archived or opened offline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import math
+import numbers
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_fastif.reporting._items import (
+    ClassNames,
+    ExampleCache,
+    ExampleView,
+    check_class_names,
+    coerce_results,
+    format_label,
+    render_kwargs,
+)
+from lightning_fastif.reporting.render import Decoder, Renderer
+from lightning_fastif.results import InfluenceResult
+
+_CSS = """
+*{box-sizing:border-box}
+body{margin:0;padding:24px 32px;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+color:#1f2328;background:#f4f5f7}
+h1{margin:0 0 4px;font-size:24px}h2{margin:0 0 6px;font-size:18px}
+h3{margin:14px 0 6px;font-size:14px;text-transform:uppercase;letter-spacing:.04em}
+.sub,.legend{margin:2px 0;color:#57606a}
+.summary{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:6px 16px;margin:14px 0 0;
+padding:12px 16px;background:#fff;border:1px solid #d0d7de;border-radius:8px}
+.summary div{display:flex;justify-content:space-between;gap:8px;border-bottom:1px dotted #d0d7de}
+.summary dt{color:#57606a}.summary dd{margin:0;font-weight:600;text-align:right;overflow-wrap:anywhere}
+.query{margin:20px 0;padding:16px 18px;background:#fff;border:1px solid #d0d7de;border-radius:10px;
+box-shadow:0 1px 2px rgba(0,0,0,.05)}
+.qhead{display:flex;gap:20px;align-items:flex-start}
+.qhead .thumb img{width:128px;height:auto}
+.qhead .thumb .text{width:380px;max-height:none}
+table.meta{border-collapse:collapse}table.meta th{text-align:left;color:#57606a;font-weight:normal;padding:1px 14px 1px 0}
+table.meta td{font-weight:600;font-variant-numeric:tabular-nums}
+.badge{display:inline-block;margin-left:6px;padding:0 7px;border-radius:9px;font-size:12px;font-weight:600}
+.ok{background:#dafbe1;color:#116329}.bad{background:#ffebe9;color:#a40e26}
+h3.helpful{color:#116329}h3.harmful{color:#a40e26}
+.row{display:flex;flex-wrap:wrap;gap:10px}
+.tile{margin:0;padding:6px 7px;width:126px;background:#fafbfc;border:1px solid #d0d7de;border-top:4px solid;
+border-radius:6px}
+.tile.text-tile{width:250px}
+.tile.helpful{border-top-color:#2da44e}.tile.harmful{border-top-color:#cf222e}
+.thumb img{display:block;width:96px;height:auto;image-rendering:pixelated;border-radius:3px;background:#000}
+.thumb .text{max-height:7.5em;overflow:auto;white-space:pre-wrap;overflow-wrap:anywhere;font-size:12.5px;
+padding:4px 6px;background:#fff;border:1px solid #e5e7eb;border-radius:4px}
+.thumb .missing{color:#8c959f;font-size:12px;font-style:italic}
+figcaption{margin-top:4px;font-size:12px;line-height:1.35;font-variant-numeric:tabular-nums;white-space:nowrap;
+overflow:hidden;text-overflow:ellipsis}
+figcaption .k{color:#57606a}
+.none{color:#8c959f;font-style:italic}
+details{margin-top:10px;color:#57606a;font-size:12px}details pre{white-space:pre-wrap;margin:4px 0}
+footer{margin-top:24px;color:#8c959f;font-size:12px}
+"""
+
+
+def write_html_report(
+    results: Iterable[InfluenceResult | Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    train_lookup: Any = None,
+    query_lookup: Any = None,
+    *,
+    title: str = "Influence report",
+    class_names: ClassNames | None = None,
+    summary: Mapping[str, Any] | None = None,
+    image_shape: Sequence[int] | None = None,
+    decoder: Decoder | None = None,
+    renderer: Renderer | None = None,
+) -> Path:
+    """Write a self-contained HTML report, atomically (temporary file in the same folder, then rename).
+
+    Args:
+        results: ``InfluenceResult`` objects (or their ``to_dict()``), one per query.
+        path: where to write the ``.html`` file; parent folders are created.
+        train_lookup: training id -> ``x``, ``(x, label)`` or a dataset item dict; a map-style dataset also works.
+            ``None`` shows ids and scores without inputs.
+        query_lookup: the same for query ids.
+        title: the page title.
+        class_names: names of the classes, by index (a list or a mapping), shown next to labels.
+        summary: run details for the header (timings, solver, candidates...); nested dicts are flattened.
+        image_shape: shape to reshape flat vectors into images, e.g. ``(8, 8)`` for scikit-learn digits.
+        decoder: turns token-id vectors into text (``tokenizer.decode`` or a vocabulary).
+        renderer: ``renderer(x) -> PIL.Image | str`` overriding the built-in rendering rules.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> from lightning_fastif.results import InfluenceResult
+        >>> r = InfluenceResult(0, 1, 1, [4, 2], [-0.5, -0.1], [7], [0.3], num_candidates=10)
+        >>> out = write_html_report([r], tmp_path / "report.html")  # doctest: +SKIP
+    """
+    text = render_html_report(
+        results,
+        train_lookup,
+        query_lookup,
+        title=title,
+        class_names=class_names,
+        summary=summary,
+        image_shape=image_shape,
+        decoder=decoder,
+        renderer=renderer,
+    )
+    return atomic_write_text(path, text)
+
+
+def render_html_report(
+    results: Iterable[InfluenceResult | Mapping[str, Any]],
+    train_lookup: Any = None,
+    query_lookup: Any = None,
+    *,
+    title: str = "Influence report",
+    class_names: ClassNames | None = None,
+    summary: Mapping[str, Any] | None = None,
+    image_shape: Sequence[int] | None = None,
+    decoder: Decoder | None = None,
+    renderer: Renderer | None = None,
+) -> str:
+    """The HTML text of :func:`write_html_report`, without writing it (same arguments, minus ``path``)."""
+    records = coerce_results(results)
+    class_names = check_class_names(class_names)
+    kwargs = render_kwargs(image_shape, decoder, renderer)
+    train = ExampleCache(train_lookup, "train_lookup", **kwargs)
+    queries = ExampleCache(query_lookup, "query_lookup", **kwargs)
+    head = _summary_items(records, summary)
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<header><h1>{_e(title)}</h1>",
+        f'<p class="sub">{len(records)} quer{"y" if len(records) == 1 else "ies"}</p>',
+        '<p class="legend">Influence I(z, z<sub>test</sub>) = −∇L(z)·s<sub>test</sub>: '
+        "<b>negative = helpful</b> (up-weighting z lowers the query's loss), "
+        "<b>positive = harmful</b>. Helpful examples are listed most negative first, harmful most positive first.</p>",
+        _summary_html(head),
+        "</header><main>",
+    ]
+    parts.extend(_query_html(r, train, queries, class_names) for r in records)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts.append(f"</main><footer>Generated by lightning_fastif on {_e(stamp)}.</footer></body></html>\n")
+    return "\n".join(parts)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    A crash leaves the previous file (or none), never half of one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    # os.open with 0o666 lets the umask decide the permissions, like any ordinary file (mkstemp would make it 0600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _query_html(
+    result: InfluenceResult, train: ExampleCache, queries: ExampleCache, class_names: ClassNames | None
+) -> str:
+    view = queries.get(result.query_id)
+    label = result.label if result.label is not None else view.label
+    rows = [
+        ("label", _e(format_label(label, class_names))),
+        ("prediction", _e(format_label(result.prediction, class_names)) + _verdict(label, result.prediction)),
+        ("loss", _e(_num(result.query_loss, signed=False))),
+        ("candidates scored", _e(_num(result.num_candidates, signed=False))),
+    ]
+    meta = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    extra = ""
+    if result.extra:
+        lines = "\n".join(f"{k}: {v}" for k, v in _flatten(result.extra))
+        extra = f"<details><summary>details</summary><pre>{_e(lines)}</pre></details>"
+    return (
+        f'<section class="query" id="query-{result.query_id}"><div class="qhead">'
+        f"{_thumb(view)}<div><h2>Query {result.query_id}</h2>"
+        f'<table class="meta">{meta}</table>{extra}</div></div>'
+        f"{_tiles('helpful', result.helpful_ids, result.helpful_scores, result.helpful_distances, train, class_names)}"
+        f"{_tiles('harmful', result.harmful_ids, result.harmful_scores, result.harmful_distances, train, class_names)}"
+        "</section>"
+    )
+
+
+def _tiles(
+    kind: str,
+    ids: Sequence[int],
+    scores: Sequence[float | None],
+    distances: Sequence[float | None],
+    train: ExampleCache,
+    class_names: ClassNames | None,
+) -> str:
+    heading = f'<h3 class="{kind}">Most {kind}</h3>'
+    if not ids:
+        return heading + '<p class="none">none</p>'
+    tiles = []
+    for rank, train_id in enumerate(ids):
+        view = train.get(train_id)
+        lines = [
+            f'<b>#{rank + 1}</b> <span class="k">id</span> {int(train_id)}',
+            f'<span class="k">label</span> {_e(format_label(view.label, class_names))}',
+            f'<span class="k">score</span> {_e(_num(_at(scores, rank)))}',
+        ]
+        if rank < len(distances):
+            lines.append(f'<span class="k">dist</span> {_e(_num(distances[rank], signed=False))}')
+        wide = " text-tile" if view.rendered is not None and view.rendered.kind == "text" else ""
+        tiles.append(
+            f'<figure class="tile {kind}{wide}" data-train-id="{int(train_id)}">{_thumb(view)}'
+            f"<figcaption>{'<br>'.join(lines)}</figcaption></figure>"
+        )
+    return heading + '<div class="row">' + "".join(tiles) + "</div>"
+
+
+def _thumb(view: ExampleView) -> str:
+    rendered = view.rendered
+    if rendered is None:
+        why = f"input unavailable ({view.error})" if view.error else "no input"
+        return f'<div class="thumb"><div class="missing">{_e(why)}</div></div>'
+    if rendered.kind == "image":
+        return f'<div class="thumb"><img alt="example {view.id}" src="{rendered.to_data_uri()}"></div>'
+    return f'<div class="thumb"><div class="text">{_e(rendered.text or "")}</div></div>'
+
+
+def _verdict(label: Any, prediction: Any) -> str:
+    if not isinstance(label, numbers.Integral) or not isinstance(prediction, numbers.Integral):
+        return ""
+    return (
+        '<span class="badge ok">correct</span>'
+        if label == prediction
+        else '<span class="badge bad">wrong</span>'
+    )
+
+
+def _summary_items(
+    records: list[InfluenceResult], summary: Mapping[str, Any] | None
+) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = [("queries", len(records))]
+    if records:
+        items.append(("candidates scored", sum(int(r.num_candidates) for r in records)))
+        losses = [r.query_loss for r in records if isinstance(r.query_loss, int | float)]
+        if losses:
+            items.append(("mean query loss", sum(losses) / len(losses)))
+    if summary is not None:
+        items.extend(_flatten(summary))
+    return items
+
+
+def _summary_html(items: list[tuple[str, Any]]) -> str:
+    cells = "".join(f"<div><dt>{_e(str(k))}</dt><dd>{_e(_value(v))}</dd></div>" for k, v in items)
+    return f'<dl class="summary">{cells}</dl>'
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.extend(_flatten(value, prefix=f"{name}/"))
+        else:
+            out.append((name, value))
+    return out
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return _num(value, signed=False)
+    return str(value)
+
+
+def _num(value: Any, signed: bool = True) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    sign = "+" if signed else ""
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:{sign}.3e}"
+    return f"{value:{sign}.4g}"
+
+
+def _at(values: Sequence[Any], index: int) -> Any:
+    return values[index] if index < len(values) else None
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
