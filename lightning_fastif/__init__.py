@@ -23,7 +23,18 @@ _EXPORTS: dict[str, str] = {
     "approximation_diagnostics": "lightning_fastif.diagnostics",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "CGSolver",
+    "ExactSolver",
+    "FeatureIndexCallback",
+    "InfluenceModule",
+    "InfluenceResult",
+    "InfluenceStrategy",
+    "InfluenceWriter",
+    "LiSSASolver",
+    "__version__",
+    "approximation_diagnostics",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["batch_size", "call_model", "labels_of", "move_to", "slice_batch"]
+__all__ = ["batch_size", "call_model", "fetch", "labels_of", "logits_of", "move_to", "slice_batch"]
 
 
 def move_to(batch: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
@@ -23,9 +23,7 @@ def move_to(batch: Any, device: torch.device | str, dtype: torch.dtype | None = 
             return batch.to(device=device, dtype=dtype)
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return type(batch)({k: move_to(v, device, dtype) for k, v in batch.items()}) if type(batch) is dict else {
-            k: move_to(v, device, dtype) for k, v in batch.items()
-        }
+        return {k: move_to(v, device, dtype) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(move_to(v, device, dtype) for v in batch))
     if isinstance(batch, (list, tuple)):
@@ -115,3 +113,18 @@ def logits_of(outputs: Any) -> Tensor | None:
     if isinstance(outputs, (list, tuple)) and outputs and isinstance(outputs[0], Tensor):
         return outputs[0]
     return None
+
+
+def fetch(dataset: Any, ids: list[int], collate_fn: Any = None) -> Any:
+    """The batch of examples ``ids`` of a map-style dataset.
+
+    A ``TensorDataset`` is indexed directly (one gather per tensor); otherwise the examples are collated with
+    ``collate_fn`` (default: torch's ``default_collate``).
+    """
+    from torch.utils.data import TensorDataset
+    from torch.utils.data.dataloader import default_collate
+
+    if collate_fn is None and isinstance(dataset, TensorDataset):
+        index = torch.as_tensor(ids, dtype=torch.long)
+        return tuple(t[index] for t in dataset.tensors)
+    return (collate_fn or default_collate)([dataset[i] for i in ids])

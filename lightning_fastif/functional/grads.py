@@ -1,0 +1,90 @@
+"""Gradients: mean-loss gradients, per-example gradients (``vmap(grad)``, chunked, with a loop fallback)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from lightning_fastif.functional.batch import batch_size, slice_batch
+from lightning_fastif.functional.params import ParamSpec
+
+__all__ = ["flat_loss", "mean_grad", "per_example_grads"]
+
+Loss = Callable[[dict[str, Tensor], Any], Tensor]
+
+
+def flat_loss(loss: Loss, spec: ParamSpec, batch: Any, reduction: str = "mean") -> Callable[[Tensor], Tensor]:
+    """``theta [P] -> loss`` for a batch: the per-example losses ``[B]`` (``"none"``), their mean or sum."""
+
+    def f(theta: Tensor) -> Tensor:
+        losses = loss(spec.unflatten(theta), batch)
+        if reduction == "none":
+            return losses
+        return losses.sum() if reduction == "sum" else losses.mean()
+
+    return f
+
+
+def mean_grad(loss: Loss, theta: Tensor, spec: ParamSpec, batch: Any) -> Tensor:
+    """Gradient ``[P]`` of the mean per-example loss of a batch at ``theta``."""
+    return grad(flat_loss(loss, spec, batch))(theta)
+
+
+def _unsqueeze_tensors(example: Any) -> Any:
+    if isinstance(example, Tensor):
+        return example.unsqueeze(0)
+    if isinstance(example, dict):
+        return {k: _unsqueeze_tensors(v) for k, v in example.items()}
+    if isinstance(example, (list, tuple)):
+        return type(example)(_unsqueeze_tensors(v) for v in example)
+    return example
+
+
+def _has_only_tensors(batch: Any) -> bool:
+    if isinstance(batch, Tensor):
+        return True
+    if isinstance(batch, dict):
+        return all(_has_only_tensors(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return all(_has_only_tensors(v) for v in batch)
+    return False
+
+
+def per_example_grads(
+    loss: Loss, theta: Tensor, spec: ParamSpec, batch: Any, chunk_size: int | None = 64
+) -> Tensor:
+    """Per-example gradients ``[B, P]`` of the loss at ``theta``.
+
+    ``vmap(grad)`` over chunks of ``chunk_size`` examples; a plain loop over examples when the batch holds
+    non-tensor leaves or the model does not support ``vmap`` (for example a GRU).
+
+    Example:
+        >>> from lightning_fastif.functional.losses import PerExampleLoss
+        >>> m = torch.nn.Linear(3, 2)
+        >>> params = {n: p.detach() for n, p in m.named_parameters()}
+        >>> spec = ParamSpec.of(params)
+        >>> g = per_example_grads(PerExampleLoss(m), spec.flatten(params), spec,
+        ...                       (torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])))
+        >>> g.shape
+        torch.Size([5, 8])
+    """
+    n = batch_size(batch)
+    step = n if not chunk_size else max(1, int(chunk_size))
+
+    def one(theta_: Tensor, example: Any) -> Tensor:
+        return grad(flat_loss(loss, spec, _unsqueeze_tensors(example), "sum"))(theta_)
+
+    if _has_only_tensors(batch):
+        try:
+            batched = vmap(one, in_dims=(None, 0))
+            return torch.cat(
+                [batched(theta, slice_batch(batch, slice(i, i + step))) for i in range(0, n, step)]
+            )
+        except (RuntimeError, NotImplementedError):
+            pass  # fall back to the loop below (operators without batching rules)
+    rows = [grad(flat_loss(loss, spec, slice_batch(batch, slice(i, i + 1)), "sum"))(theta) for i in range(n)]
+    return torch.stack(rows)

@@ -1,0 +1,244 @@
+"""``InfluenceModule``: wraps any LightningModule (or ``nn.Module``) and explains its predictions.
+
+The wrapped model is used as is and never mutated: its weights are read, and substituted functionally by
+``torch.func.functional_call``. All influence computations run with the model in ``eval()`` mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.dataloader import default_collate
+
+from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.functional.batch import batch_size as _batch_size
+from lightning_fastif.functional.batch import move_to
+from lightning_fastif.functional.curvature import TrainingCurvature
+from lightning_fastif.functional.grads import per_example_grads
+from lightning_fastif.functional.losses import check_finite, resolve_loss
+from lightning_fastif.functional.params import ParamSpec, select_params
+from lightning_fastif.functional.scores import score_batch
+from lightning_fastif.functional.solvers import LiSSASolver, Solver
+
+__all__ = ["InfluenceModule"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run with ``model.eval()`` and outer autograd off (torch.func transforms still differentiate); restore modes."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.no_grad():  # torch.func transforms ignore an outer no_grad
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        what = "a positive int or None" if allow_none else "a positive int"
+        raise ConfigurationError(f"Expected `{name}` to be {what}, but got {value!r}.")
+
+
+class InfluenceModule(pl.LightningModule):
+    """Explain a model's predictions by the training examples that most helped and most hurt them.
+
+    Args:
+        model: a LightningModule or plain ``nn.Module``, used as is (never mutated).
+        train_dataset: map-style dataset; position i is training example id i.
+        loss_fn: ``callable(outputs, batch) -> [B]`` per-example losses; default: the module's
+            ``per_example_loss(batch)``, else cross-entropy on ``(x, y)`` / ``{"labels": ...}`` batches.
+        params: glob patterns of parameter names to differentiate (default: all with ``requires_grad``).
+        solver: an ``ExactSolver``, ``CGSolver`` or ``LiSSASolver`` (default ``LiSSASolver()``).
+        num_candidates: k of FastIF's kNN step; ``None`` scores the whole training set.
+        top_k: helpful and harmful examples kept per query.
+        index: a built candidate index or the folder it was saved in (needed when ``num_candidates`` is set).
+        feature_layer: module whose input is the indexed feature (default: the last ``nn.Linear``).
+        batch_size: batch size of scoring and of full passes over the training set.
+        collate_fn: collate function for training examples (default: torch's ``default_collate``).
+        score_method: ``"auto"``, ``"jvp"`` (forward mode) or ``"grad"`` (per-example gradients).
+
+    Example:
+        >>> import lightning_fastif as lf
+        >>> im = lf.InfluenceModule(model, train_ds, solver=lf.ExactSolver(damping=1e-3), num_candidates=None)
+        >>> scores = im.influence(test_batch)            # [B, N]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Dataset,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        params: Sequence[str] | None = None,
+        solver: Solver | None = None,
+        num_candidates: int | None = 1000,
+        top_k: int = 10,
+        index: Any = None,
+        feature_layer: str | None = None,
+        *,
+        batch_size: int = 256,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        score_method: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
+        if not (hasattr(train_dataset, "__getitem__") and hasattr(train_dataset, "__len__")):
+            raise ConfigurationError(
+                f"Expected `train_dataset` to be a map-style Dataset (with __len__ and __getitem__), but got "
+                f"{type(train_dataset).__name__}."
+            )
+        solver = LiSSASolver() if solver is None else solver
+        if not isinstance(solver, Solver):
+            raise ConfigurationError(
+                f"Expected `solver` to be an ExactSolver, CGSolver or LiSSASolver, but got {type(solver).__name__}."
+            )
+        _check_positive_int("num_candidates", num_candidates, allow_none=True)
+        _check_positive_int("top_k", top_k)
+        _check_positive_int("batch_size", batch_size)
+        if score_method not in ("auto", "jvp", "grad"):
+            raise ConfigurationError(
+                f"Expected `score_method` to be 'auto', 'jvp' or 'grad', but got {score_method!r}."
+            )
+        n = len(train_dataset)  # type: ignore[arg-type]
+        if num_candidates is not None and num_candidates > n:
+            raise ConfigurationError(
+                f"Expected `num_candidates` to be at most the training set size {n} (or None for a full scan), "
+                f"but got {num_candidates}."
+            )
+        self.model = model
+        self.train_dataset = train_dataset
+        self.loss = resolve_loss(model, loss_fn)
+        self.param_patterns = list(params) if params is not None else None
+        select_params(model, self.param_patterns)  # fail now on a pattern that matches nothing
+        self.solver = solver
+        self.num_candidates = num_candidates
+        self.top_k = top_k
+        self.index = index
+        self.feature_layer = feature_layer
+        self.score_batch_size = batch_size
+        self.collate_fn = collate_fn or default_collate
+        self.score_method = score_method
+        self.timings: dict[str, float] = {}
+
+    # ---------------------------------------------------------------------------------------- plumbing
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def _theta(self) -> tuple[Tensor, ParamSpec]:
+        params = select_params(self.model, self.param_patterns)
+        spec = ParamSpec.of(params)
+        return spec.flatten(params).detach(), spec
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(iter(select_params(self.model, self.param_patterns).values())).dtype
+
+    def _param_device(self) -> torch.device:
+        return next(iter(select_params(self.model, self.param_patterns).values())).device
+
+    def _prepare(self, batch: Any) -> Any:
+        return move_to(batch, self._param_device(), self._param_dtype())
+
+    def _collectives(self) -> tuple[int, int, Callable[[Tensor], Tensor] | None]:
+        """(rank, world size, all-reduce-sum) of the attached strategy; one process when there is none."""
+        trainer = self._trainer
+        strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+        if strategy is not None and hasattr(strategy, "influence_all_reduce") and strategy.world_size > 1:
+            return strategy.global_rank, strategy.world_size, strategy.influence_all_reduce
+        return 0, 1, None
+
+    def curvature(self, theta: Tensor | None = None, spec: ParamSpec | None = None) -> TrainingCurvature:
+        """The :class:`TrainingCurvature` of the training set at the model's current weights."""
+        if theta is None or spec is None:
+            theta, spec = self._theta()
+        rank, world, all_reduce = self._collectives()
+        return TrainingCurvature(
+            self.loss,
+            theta,
+            spec,
+            self.train_dataset,
+            batch_size=self.score_batch_size,
+            collate_fn=self.collate_fn,
+            rank=rank,
+            world_size=world,
+            all_reduce=all_reduce,
+        )
+
+    def _timed(self, stage: str, start: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    # ---------------------------------------------------------------------------------------- public math
+    def query_grads(self, batch: Any) -> Tensor:
+        """Per-example gradients ``[B, P]`` of the query losses (after checking the losses are finite)."""
+        batch = self._prepare(batch)
+        theta, spec = self._theta()
+        with eval_mode(self.model):
+            check_finite(self.loss(spec.unflatten(theta), batch).detach(), "query loss")
+            grads = per_example_grads(self.loss, theta, spec, batch)
+        check_finite(grads, "query gradient")
+        return grads
+
+    def s_test(self, batch: Any) -> Tensor:
+        """``s_test = (H + damping I)^{-1} grad L(z_test)`` for each query example: ``[B, P]``.
+
+        Example:
+            >>> s = im.s_test((x_test[:4], y_test[:4]))   # [4, P]
+        """
+        if _batch_size(batch) == 0:
+            raise ConfigurationError(
+                "Expected `batch` to hold at least one query example, but got an empty batch."
+            )
+        start = time.perf_counter()
+        grads = self.query_grads(batch)
+        theta, spec = self._theta()
+        with eval_mode(self.model):
+            s = self.solver.solve(self.curvature(theta, spec), grads)
+        check_finite(s, "s_test (the solver's solution)")
+        self._timed("s_test", start)
+        return s
+
+    def candidate_loader(self, train_indices: Sequence[int] | Tensor) -> DataLoader:
+        """The training examples ``train_indices`` in order, in batches (a ``Subset`` + ``DataLoader``)."""
+        ids = train_indices.tolist() if isinstance(train_indices, Tensor) else list(train_indices)
+        return DataLoader(
+            Subset(self.train_dataset, ids), batch_size=self.score_batch_size, collate_fn=self.collate_fn
+        )
+
+    def score(self, s_test: Tensor, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Influence ``[Q, n]`` of the training examples ``train_indices`` (all N if None) on each s_test row."""
+        n = len(self.train_dataset)  # type: ignore[arg-type]
+        ids = torch.arange(n) if train_indices is None else torch.as_tensor(train_indices, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise ConfigurationError(
+                f"Expected `train_indices` to lie in [0, {n}), but got values from {int(ids.min())} to {int(ids.max())}."
+            )
+        start = time.perf_counter()
+        theta, spec = self._theta()
+        s_test = s_test.to(device=theta.device, dtype=theta.dtype)
+        parts = []
+        with eval_mode(self.model):
+            for batch in self.candidate_loader(ids):
+                batch = self._prepare(batch)
+                parts.append(score_batch(self.loss, theta, spec, batch, s_test, self.score_method).detach())
+        self._timed("scoring", start)
+        if not parts:
+            return s_test.new_zeros(s_test.shape[0], 0)
+        return torch.cat(parts).T
+
+    def influence(self, batch: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """``I(z_i, z_test) = -grad L(z_i) . s_test(z_test)`` for the given training ids (all N if None): ``[B, n]``.
+
+        Positive = harmful (up-weighting the training example raises the test loss), negative = helpful.
+        """
+        return self.score(self.s_test(batch), train_indices)

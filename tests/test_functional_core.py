@@ -1,0 +1,197 @@
+"""The math core against closed forms and slow float64 loops."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_fastif.errors import ConfigurationError, LossResolutionError
+from lightning_fastif.functional.batch import move_to
+from lightning_fastif.functional.grads import mean_grad, per_example_grads
+from lightning_fastif.functional.hvp import batch_hessian, batch_hvp
+from lightning_fastif.functional.losses import PerExampleLoss, resolve_loss
+from lightning_fastif.functional.params import ParamSpec, fingerprint, select_params
+from lightning_fastif.functional.scores import grad_scores, jvp_scores, merge_topk, score_batch, split_topk
+
+
+def test_functional_imports_torch_only():
+    code = (
+        "import sys, lightning_fastif.functional.solvers, lightning_fastif.functional.scores, "
+        "lightning_fastif.functional.curvature\n"
+        "bad = [m for m in ('lightning', 'pytorch_lightning', 'faiss', 'wandb') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _mse_linear(d=4, n=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+
+    def loss_fn(out, batch):
+        return 0.5 * (out.squeeze(-1) - batch[1]) ** 2
+
+    return model, x, y, PerExampleLoss(model, loss_fn)
+
+
+def test_linear_regression_gradients_and_hessian_match_closed_form():
+    model, x, y, loss = _mse_linear()
+    params = select_params(model)
+    spec = ParamSpec.of(params)
+    theta = spec.flatten(params)
+    w = model.weight.detach()[0]
+    resid = x @ w - y
+    # per-example grad of 0.5 (x.w - y)^2 is (x.w - y) x; Hessian of the mean is X^T X / n
+    torch.testing.assert_close(per_example_grads(loss, theta, spec, (x, y)), resid[:, None] * x)
+    torch.testing.assert_close(mean_grad(loss, theta, spec, (x, y)), (resid[:, None] * x).mean(0))
+    h = x.T @ x / len(x)
+    torch.testing.assert_close(batch_hessian(loss, theta, spec, (x, y)), h)
+    v = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(batch_hvp(loss, theta, spec, (x, y), v), v @ h)
+
+
+def _tanh_mlp():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x = torch.randn(11, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (11,))
+    return model, x, y
+
+
+def test_jvp_and_vmap_scores_match_a_slow_per_example_backward_loop_in_float64():
+    model, x, y = _tanh_mlp()
+    params = select_params(model)
+    spec = ParamSpec.of(params)
+    theta = spec.flatten(params)
+    loss = resolve_loss(model)
+    s = torch.randn(3, spec.numel, dtype=torch.float64)
+    slow = torch.zeros(len(x), 3, dtype=torch.float64)
+    ref = [p for p in nn.Sequential(*[m for m in model]).parameters()]
+    for i in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        g = torch.cat([p.grad.flatten() for p in ref])
+        slow[i] = -(s @ g)
+    torch.testing.assert_close(jvp_scores(loss, theta, spec, (x, y), s), slow)
+    torch.testing.assert_close(grad_scores(loss, theta, spec, (x, y), s, chunk_size=4), slow)
+    torch.testing.assert_close(score_batch(loss, theta, spec, (x, y), s[:1], "auto"), slow[:, :1])
+
+
+def test_per_example_grads_fall_back_to_a_loop_for_non_tensor_batches():
+    model, x, y = _tanh_mlp()
+    loss = PerExampleLoss(
+        model, lambda out, batch: nn.functional.cross_entropy(out, batch[1], reduction="none")
+    )
+    params = select_params(model)
+    spec = ParamSpec.of(params)
+    theta = spec.flatten(params)
+    tags = [f"id{i}" for i in range(len(x))]
+    vm = per_example_grads(loss, theta, spec, (x, y))
+    loop = per_example_grads(loss, theta, spec, (x, y, tags))
+    torch.testing.assert_close(vm, loop)
+
+
+def test_parameter_selection_by_patterns_and_model_not_mutated():
+    model, _, _ = _tanh_mlp()
+    before = fingerprint(model)
+    assert list(select_params(model, ["2.*"])) == ["2.weight", "2.bias"]
+    assert list(select_params(model, "0.bias")) == ["0.bias"]
+    model[0].weight.requires_grad_(False)
+    assert "0.weight" not in select_params(model)
+    assert "0.weight" in select_params(model, ["0.*"])  # frozen weights may be selected explicitly
+    model[0].weight.requires_grad_(True)
+    assert fingerprint(model) == before
+
+
+def test_pattern_that_matches_nothing_lists_available_names():
+    model, _, _ = _tanh_mlp()
+    with pytest.raises(ConfigurationError, match=r"`params`.*'head\.\*'.*0\.weight, 0\.bias, 2\.weight"):
+        select_params(model, ["head.*"])
+
+
+def test_param_spec_round_trip():
+    model, _, _ = _tanh_mlp()
+    params = select_params(model)
+    spec = ParamSpec.of(params)
+    flat = spec.flatten(params)
+    assert flat.shape == (spec.numel,) == (6 * 8 + 8 + 8 * 4 + 4,)
+    back = spec.unflatten(flat)
+    for k in params:
+        torch.testing.assert_close(back[k], params[k])
+
+
+def test_fingerprint_changes_with_one_weight():
+    model, _, _ = _tanh_mlp()
+    a = fingerprint(model)
+    with torch.no_grad():
+        model[2].bias[0] += 1e-9
+    assert fingerprint(model) != a
+
+
+class _WithMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1).double()
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def per_example_loss(self, batch):
+        return (self(batch["x"]).squeeze(-1) - batch["target"]) ** 2
+
+
+def test_loss_resolution_order():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    m = _WithMethod()
+    params = dict(m.named_parameters())
+    batch = {"x": x, "target": torch.zeros(5, dtype=torch.float64)}
+    loss = resolve_loss(m)
+    assert loss.source == "per_example_loss"
+    torch.testing.assert_close(loss(params, batch), m.per_example_loss(batch))
+    explicit = resolve_loss(m, lambda out, b: out.squeeze(-1).abs())
+    assert explicit.source == "loss_fn"
+    torch.testing.assert_close(explicit({k: v for k, v in params.items()}, x), m(x).squeeze(-1).abs())
+    lin = nn.Linear(3, 4)
+    d = resolve_loss(lin)
+    assert d.source == "classification"
+    dict_batch = {"input": torch.randn(5, 3), "labels": torch.tensor([0, 1, 2, 3, 0])}
+    out = d(dict(lin.named_parameters()), {"labels": dict_batch["labels"], "input": dict_batch["input"]})
+    assert out.shape == (5,)
+
+
+def test_default_loss_says_which_of_three_to_provide():
+    lin = nn.Linear(3, 4)
+    loss = resolve_loss(lin)
+    with pytest.raises(LossResolutionError, match=r"no labels.*loss_fn.*per_example_loss.*\(x, y\)"):
+        loss(dict(lin.named_parameters()), torch.randn(5, 3))
+    with pytest.raises(LossResolutionError, match=r"logits \[B, C\] and integer labels"):
+        loss(dict(lin.named_parameters()), (torch.randn(5, 3), torch.randn(5)))
+    with pytest.raises(LossResolutionError, match=r"shape \[B\]"):
+        resolve_loss(lin, lambda out, b: out.sum())(dict(lin.named_parameters()), (torch.randn(5, 3), None))
+    with pytest.raises(ConfigurationError, match="`loss_fn`"):
+        resolve_loss(lin, loss_fn="cross_entropy")
+
+
+def test_topk_split_and_merge_equal_one_pass():
+    torch.manual_seed(3)
+    scores = torch.randn(2, 50)
+    ids = torch.arange(100, 150)
+    full = split_topk(scores, ids, 5)
+    assert torch.equal(full[1][0], scores[0].sort().values[:5])
+    assert torch.equal(full[3][0], scores[0].sort(descending=True).values[:5])
+    parts = [split_topk(scores[:, a:b], ids[a:b], 5) for a, b in [(30, 50), (0, 13), (13, 30)]]
+    merged = merge_topk(parts, 5)
+    for x, y in zip(full, merged):
+        assert torch.equal(x, y)
+
+
+def test_move_to_casts_only_floating_tensors():
+    b = move_to(
+        {"x": torch.zeros(2), "y": torch.ones(2, dtype=torch.long), "t": ["a", "b"]}, "cpu", torch.float64
+    )
+    assert b["x"].dtype == torch.float64 and b["y"].dtype == torch.long and b["t"] == ["a", "b"]
