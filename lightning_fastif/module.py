@@ -7,25 +7,28 @@ The wrapped model is used as is and never mutated: its weights are read, and sub
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.dataloader import default_collate
 
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import batch_size as _batch_size
-from lightning_fastif.functional.batch import move_to
+from lightning_fastif.functional.batch import call_model, labels_of, logits_of, move_to
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads
 from lightning_fastif.functional.losses import check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
-from lightning_fastif.functional.scores import score_batch
+from lightning_fastif.functional.scores import merge_topk, score_batch, split_topk
 from lightning_fastif.functional.solvers import LiSSASolver, Solver
+from lightning_fastif.results import InfluenceResult
 
 __all__ = ["InfluenceModule"]
 
@@ -131,6 +134,9 @@ class InfluenceModule(pl.LightningModule):
         self.collate_fn = collate_fn or default_collate
         self.score_method = score_method
         self.timings: dict[str, float] = {}
+        self._candidates: Any = None  # the resolved candidate index (lazy)
+        self._feature_layer_name: str | None = None
+        self._query_offsets: dict[int, int] = {}
 
     # ---------------------------------------------------------------------------------------- plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -242,3 +248,185 @@ class InfluenceModule(pl.LightningModule):
         Positive = harmful (up-weighting the training example raises the test loss), negative = helpful.
         """
         return self.score(self.s_test(batch), train_indices)
+
+    # ---------------------------------------------------------------------------------------- candidates
+    def candidate_index(self) -> Any:
+        """The kNN index (loaded from ``index``, or built in memory from the training set when none was given)."""
+        if self._candidates is not None:
+            return self._candidates
+        from lightning_fastif.functional.params import fingerprint
+        from lightning_fastif.retrieval.index import CandidateIndex
+
+        n = len(self.train_dataset)  # type: ignore[arg-type]
+        if isinstance(self.index, (str, os.PathLike)):
+            from lightning_fastif.retrieval.store import load_index
+
+            expected = {"dataset_length": n, "model_fingerprint": fingerprint(self.model)}
+            if self.feature_layer is not None:
+                expected["feature_layer"] = self.feature_layer
+            index, meta = load_index(self.index, expected=expected)
+            self._feature_layer_name = meta.feature_layer
+        elif isinstance(self.index, CandidateIndex):
+            index = self.index
+            if index.ntotal != n:
+                raise ConfigurationError(
+                    f"Expected `index` to hold every training example ({n}), but it holds {index.ntotal}: "
+                    "the training set changed since indexing; rebuild the index."
+                )
+            self._feature_layer_name = self.feature_layer
+        elif self.index is None:
+            from lightning_fastif.retrieval.build import build_index
+
+            rank_zero_info(
+                f"lightning_fastif: no `index` given, building an exact index of {n} training examples"
+            )
+            built = build_index(
+                self.model,
+                self.train_dataset,
+                self.feature_layer,
+                collate_fn=self.collate_fn,
+                batch_size=self.score_batch_size,
+            )
+            index, self._feature_layer_name = built.index, built.meta["feature_layer"]
+        else:
+            raise ConfigurationError(
+                f"Expected `index` to be a CandidateIndex, an index folder path or None, but got {type(self.index).__name__}."
+            )
+        self._candidates = index
+        return index
+
+    def query_features(self, batch: Any) -> Tensor:
+        """Penultimate features ``[B, d]`` of a query batch (the input of the indexed feature layer)."""
+        from lightning_fastif.retrieval.features import extract_features
+
+        self.candidate_index()
+        return extract_features(self.model, [batch], self._feature_layer_name)
+
+    def search(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(distances [B, k], training ids [B, k])`` of the ``num_candidates`` nearest training examples."""
+        start = time.perf_counter()
+        index = self.candidate_index()
+        out = index.search(self.query_features(batch), self.num_candidates)
+        self._timed("search", start)
+        return out
+
+    # ---------------------------------------------------------------------------------------- ranking
+    def _shard(self, ids: Tensor) -> Tensor:
+        rank, world, _ = self._collectives()
+        return ids[rank::world] if world > 1 else ids
+
+    def _merge(self, local: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        _, world, _ = self._collectives()
+        if world == 1:
+            return local
+        parts = self.trainer.strategy.gather_topk(local, self.top_k)
+        return merge_topk(parts, self.top_k)
+
+    def rank_candidates(
+        self, s_test: Tensor, candidates: Tensor | None
+    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Top-k helpful/harmful ``(ids, scores)`` per s_test row among ``candidates [Q, k]`` (all N when None).
+
+        Under an ``InfluenceStrategy`` with several processes, each scores its share of the candidates and the
+        per-rank top-k lists are merged, so every rank returns the global answer.
+        """
+        if candidates is None:
+            ids = self._shard(torch.arange(len(self.train_dataset)))  # type: ignore[arg-type]
+            local = split_topk(self.score(s_test, ids), ids, self.top_k)
+            merged = self._merge(local)
+            return [tuple(t[q] for t in merged) for q in range(s_test.shape[0])]  # type: ignore[misc]
+        out = []
+        for q in range(s_test.shape[0]):
+            ids = self._shard(candidates[q])
+            local = split_topk(self.score(s_test[q : q + 1], ids), ids, self.top_k)
+            out.append(tuple(t[0] for t in self._merge(local)))
+        return out  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------------------- predict
+    def on_predict_start(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise ConfigurationError(
+                "Expected the predict loop to allow gradients, but `Trainer(inference_mode=True)` (the default) "
+                "runs it under torch.inference_mode. Pass `Trainer(inference_mode=False)` to run influence."
+            )
+        self._query_offsets = {}
+        self.timings = {}
+        if self.num_candidates is not None:
+            self.candidate_index()
+
+    def _query_ids(self, batch_idx: int, dataloader_idx: int, n: int) -> list[int]:
+        trainer = self._trainer
+        indices = list(getattr(trainer.predict_loop, "current_batch_indices", []) or []) if trainer else []
+        if (
+            len(indices) != n
+        ):  # no prediction writer attached: count positions (predict loaders are unshuffled)
+            start = self._query_offsets.get(dataloader_idx, 0)
+            indices = list(range(start, start + n))
+        self._query_offsets[dataloader_idx] = max(self._query_offsets.get(dataloader_idx, 0), indices[-1] + 1)
+        dataset = None
+        if trainer is not None:
+            loaders = trainer.predict_dataloaders
+            loader = loaders[dataloader_idx] if isinstance(loaders, Sequence) else loaders
+            dataset = getattr(loader, "dataset", None)
+        if isinstance(dataset, Subset):  # report ids of the underlying dataset (e.g. the test set)
+            indices = [int(dataset.indices[i]) for i in indices]
+        return indices
+
+    def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> list[InfluenceResult]:
+        """Rank the most helpful and harmful training examples of every query of ``batch``.
+
+        Returns:
+            One :class:`InfluenceResult` per query example.
+        """
+        n = _batch_size(batch)
+        if n == 0:
+            raise ConfigurationError(
+                "Expected `batch` to hold at least one query example, but got an empty batch."
+            )
+        query_ids = (
+            self._query_ids(batch_idx, dataloader_idx, n) if self._trainer is not None else list(range(n))
+        )
+        return self.explain(batch, query_ids)
+
+    def explain(self, batch: Any, query_ids: Sequence[int] | None = None) -> list[InfluenceResult]:
+        """:meth:`predict_step` without a Trainer: results for every example of ``batch``."""
+        batch = self._prepare(batch)
+        n = _batch_size(batch)
+        query_ids = list(range(n)) if query_ids is None else list(query_ids)
+        theta, spec = self._theta()
+        with eval_mode(self.model):
+            losses = self.loss(spec.unflatten(theta), batch).detach()
+            logits = logits_of(call_model(self.model, batch))
+        labels = labels_of(batch)
+        preds = logits.argmax(-1) if logits is not None and logits.dim() == 2 else None
+        s = self.s_test(batch)
+        distances: Tensor | None = None
+        candidates: Tensor | None = None
+        if self.num_candidates is not None:
+            distances, candidates = self.search(batch)
+        ranked = self.rank_candidates(s, candidates)
+        results = []
+        for q in range(n):
+            h_ids, h_sc, x_ids, x_sc = ranked[q]
+            dist = {}
+            if candidates is not None and distances is not None:
+                dist = dict(zip(candidates[q].tolist(), distances[q].tolist()))
+            results.append(
+                InfluenceResult(
+                    query_id=int(query_ids[q]),
+                    label=None if labels is None else int(labels[q]),
+                    prediction=None if preds is None else int(preds[q]),
+                    helpful_ids=h_ids.tolist(),
+                    helpful_scores=h_sc.tolist(),
+                    harmful_ids=x_ids.tolist(),
+                    harmful_scores=x_sc.tolist(),
+                    num_candidates=len(self.train_dataset)
+                    if candidates is None
+                    else int(candidates.shape[1]),  # type: ignore[arg-type]
+                    query_loss=float(losses[q]),
+                    helpful_distances=[dist[i] for i in h_ids.tolist()] if dist else [],
+                    harmful_distances=[dist[i] for i in x_ids.tolist()] if dist else [],
+                    extra={"solver": self.solver.name},
+                )
+            )
+        return results

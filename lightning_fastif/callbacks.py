@@ -1,0 +1,228 @@
+"""Lightning callbacks: ``FeatureIndexCallback`` builds the candidate index; ``InfluenceWriter`` writes results."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import Dataset
+
+from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.retrieval.build import build_index, extract_shard
+from lightning_fastif.retrieval.store import save_index
+
+__all__ = ["FeatureIndexCallback", "InfluenceWriter"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside an ``InfluenceModule`` (its index is built on the wrapped model)."""
+    from lightning_fastif.module import InfluenceModule
+
+    return model.model if isinstance(model, InfluenceModule) else model
+
+
+class FeatureIndexCallback(pl.Callback):
+    """Build and save the FastIF candidate index (penultimate-layer features, L2) at the end of ``fit``.
+
+    Args:
+        dirpath: the index folder (written atomically; replaced when it holds an older index).
+        train_dataset: the dataset to index; ``None`` = the fit's training dataset, read in order, unshuffled.
+        feature_layer: module whose input is the feature (default: the last ``nn.Linear`` called).
+        index_factory: FAISS factory string: ``"Flat"`` (exact, as in the paper), ``"IVF1024,Flat"``, ``"HNSW32"``.
+        backend: ``"faiss"`` or ``"torch"`` (exact, no FAISS).
+        batch_size: batch size of the feature pass.
+        nprobe, ef_search: search settings of IVF and HNSW indexes.
+        progress: show a progress bar over the feature pass (on rank 0).
+
+    Call :meth:`build` to index an already trained model without fitting.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[FeatureIndexCallback("outputs/index")])
+        >>> trainer.fit(model, datamodule=dm)          # writes outputs/index/{index.faiss, ids.npy, meta.json}
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        train_dataset: Dataset | None = None,
+        feature_layer: str | None = None,
+        index_factory: str = "Flat",
+        backend: str = "faiss",
+        batch_size: int = 256,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
+            raise ConfigurationError(f"Expected `dirpath` to be a folder path, but got {dirpath!r}.")
+        if train_dataset is not None and not (
+            hasattr(train_dataset, "__getitem__") and hasattr(train_dataset, "__len__")
+        ):
+            raise ConfigurationError(
+                f"Expected `train_dataset` to be a map-style Dataset or None, but got {type(train_dataset).__name__}."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
+        self.dirpath = Path(dirpath)
+        self.train_dataset = train_dataset
+        self.feature_layer = feature_layer
+        self.index_factory = index_factory
+        self.backend = backend
+        self.batch_size = batch_size
+        self.index_kwargs = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+        self.progress = progress
+        self.built_meta: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.build(pl_module, trainer=trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dirpath": str(self.dirpath), "built_meta": self.built_meta}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.dirpath = Path(state_dict.get("dirpath", self.dirpath))
+        self.built_meta = state_dict.get("built_meta")
+
+    # ------------------------------------------------------------------------------------------------ building
+    def _fit_dataset(self, trainer: pl.Trainer | None) -> tuple[Dataset, Callable[[list[Any]], Any] | None]:
+        if self.train_dataset is not None:
+            return self.train_dataset, None
+        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        if isinstance(loader, Sequence) and len(loader) == 1:
+            loader = loader[0]
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__getitem__"):
+            raise ConfigurationError(
+                "Expected `train_dataset` to be given, or a fit with one map-style training dataloader, but got "
+                f"{type(loader).__name__ if loader is not None else 'no trainer dataloader'}."
+            )
+        return dataset, getattr(loader, "collate_fn", None)
+
+    def build(
+        self,
+        model: nn.Module,
+        train_dataset: Dataset | None = None,
+        trainer: pl.Trainer | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> Path:
+        """Extract features of the training set, build the index and save it to ``dirpath``; returns the folder.
+
+        Under DDP (a trainer whose strategy is an ``InfluenceStrategy``) each rank extracts a disjoint shard, rank 0
+        builds and writes one index holding every training id once, and all ranks wait for it.
+        """
+        model = _unwrap(model)
+        if train_dataset is None:
+            train_dataset, loader_collate = self._fit_dataset(trainer)
+            collate_fn = collate_fn or loader_collate
+        strategy = getattr(trainer, "strategy", None)
+        world = getattr(strategy, "world_size", 1) if strategy is not None else 1
+        rank = getattr(strategy, "global_rank", 0) if strategy is not None else 0
+        show = self.progress and rank == 0 and (trainer is None or trainer.progress_bar_callback is not None)
+        n = len(train_dataset)  # type: ignore[arg-type]
+        if world > 1 and hasattr(strategy, "gather_features"):
+            ids = list(range(rank, n, world))
+            name, feats, logits = extract_shard(
+                model, train_dataset, ids, self.feature_layer, self.batch_size, collate_fn, show
+            )
+            gathered = strategy.gather_features(feats, logits, n)
+            if rank == 0:
+                feats, logits = gathered
+                built = build_index(
+                    model,
+                    train_dataset,
+                    name,
+                    self.index_factory,
+                    self.backend,
+                    features=(name, feats, logits),
+                    **self.index_kwargs,
+                )
+                self._save(built)
+            strategy.barrier("lightning_fastif.index_written")
+            self.built_meta = strategy.broadcast(self.built_meta, src=0)
+            return self.dirpath
+        built = build_index(
+            model,
+            train_dataset,
+            self.feature_layer,
+            self.index_factory,
+            self.backend,
+            self.batch_size,
+            collate_fn,
+            show,
+            **self.index_kwargs,
+        )
+        self._save(built)
+        return self.dirpath
+
+    def _save(self, built: Any) -> None:
+        arrays = {"features": built.features}
+        if built.logits is not None:
+            arrays["logits"] = built.logits
+        meta = save_index(built.index, self.dirpath, built.meta, overwrite=True, arrays=arrays)
+        self.built_meta = meta.to_dict()
+        rank_zero_info(
+            f"lightning_fastif: indexed {meta.ntotal} training examples ({meta.dim}-d features of "
+            f"`{meta.feature_layer}`, {meta.factory}) in {self.dirpath}"
+        )
+
+
+class InfluenceWriter(BasePredictionWriter):
+    """Append one JSON object per explained query to ``output_dir/influence.jsonl`` (rank 0 only).
+
+    Each batch's lines are flushed and fsynced before the next batch starts, so an interrupted run keeps every
+    query explained so far.
+
+    Args:
+        output_dir: folder of ``influence.jsonl`` (created).
+        filename: name of the file.
+        overwrite: start a new file at the beginning of ``predict`` (default) instead of appending.
+    """
+
+    def __init__(
+        self, output_dir: str | os.PathLike[str], filename: str = "influence.jsonl", overwrite: bool = True
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+            raise ConfigurationError(f"Expected `output_dir` to be a folder path, but got {output_dir!r}.")
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / filename
+        self.overwrite = overwrite
+        self._writer: Any = None
+        self.written = 0
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_fastif.reporting.jsonl import JsonlWriter
+
+        if trainer.is_global_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self.overwrite and self.path.exists():
+                self.path.unlink()
+            self._writer = JsonlWriter(self.path)
+        self.written = 0
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if self._writer is None or not trainer.is_global_zero or not prediction:
+            return
+        self.written += self._writer.write_many(prediction)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            rank_zero_info(f"lightning_fastif: wrote {self.written} results to {self.path}")

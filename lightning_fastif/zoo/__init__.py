@@ -1,0 +1,7 @@
+"""Small models and data modules shipped inside the package, so the CLI and the README's main job run after
+``pip install`` with no network: scikit-learn's bundled digits and a small tanh MLP.
+"""
+
+from lightning_fastif.zoo.digits import DigitsClassifier, DigitsDataModule
+
+__all__ = ["DigitsClassifier", "DigitsDataModule"]

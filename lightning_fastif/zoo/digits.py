@@ -1,0 +1,121 @@
+"""scikit-learn's bundled digits (1,797 8x8 images, 10 classes) as a LightningDataModule, and a small MLP."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fastif.errors import ConfigurationError
+
+__all__ = ["DigitsClassifier", "DigitsDataModule"]
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """Digits split into train / val / test by a fixed permutation; pixels scaled to [0, 1], float32 ``[64]``.
+
+    Args:
+        batch_size: training batch size.
+        val_fraction, test_fraction: shares of the 1,797 images held out.
+        seed: seed of the split.
+    """
+
+    image_shape = (8, 8)
+    class_names: tuple[str, ...] = tuple(str(i) for i in range(10))
+
+    def __init__(
+        self, batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+    ) -> None:
+        super().__init__()
+        if (
+            not 0.0 <= val_fraction < 1.0
+            or not 0.0 < test_fraction < 1.0
+            or val_fraction + test_fraction >= 1.0
+        ):
+            raise ConfigurationError(
+                "Expected `val_fraction` in [0, 1) and `test_fraction` in (0, 1) with a sum below 1, but got "
+                f"{val_fraction} and {test_fraction}."
+            )
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+        y = torch.tensor(data.target, dtype=torch.long)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.hparams.seed))
+        n_test = round(self.hparams.test_fraction * len(x))
+        n_val = round(self.hparams.val_fraction * len(x))
+        test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
+        self.train_set = TensorDataset(x[train], y[train])
+        self.val_set = TensorDataset(x[val], y[val])
+        self.test_set = TensorDataset(x[test], y[test])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=256)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=256)
+
+    def split(self, name: str) -> TensorDataset:
+        """The ``"train"``, ``"val"`` or ``"test"`` dataset (after ``setup``)."""
+        self.setup()
+        sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        if name not in sets:
+            raise ConfigurationError(f"Expected `split` to be 'train', 'val' or 'test', but got {name!r}.")
+        return sets[name]
+
+
+class DigitsClassifier(pl.LightningModule):
+    """A small tanh MLP (smooth, so influence is well defined) trained with Adam and weight decay.
+
+    Args:
+        hidden: width of the two hidden layers.
+        lr: Adam learning rate.
+        weight_decay: L2 strength (use about the same value as the solver's damping).
+    """
+
+    def __init__(self, hidden: int = 64, lr: float = 1e-2, weight_decay: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log(f"{stage}_loss", loss, prog_bar=stage != "train")
+        self.log(f"{stage}_acc", (logits.argmax(1) == y).float().mean(), prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
