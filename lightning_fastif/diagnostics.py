@@ -92,7 +92,7 @@ def approximation_diagnostics(
     batch = module._prepare(batch)
     full = module.score(module.s_test(batch)).float()  # [Q, N]
     index = module.candidate_index()
-    distances, ids = index.search(module.query_features(batch), n)  # every training example, nearest first
+    _, ids = index.search(module.query_features(batch), n)  # every training example, nearest first
     ks = sorted({min(int(k), n) for k in ks})
     per_query = []
     for q in range(full.shape[0]):
