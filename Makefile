@@ -20,8 +20,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job on the embedded default (scikit-learn's digits): fit + index, then influence + reports.
 demo: install
-	$(BIN)/python -m lightning_fastif.demo
+	$(BIN)/lightning-fastif fit -c configs/digits.yaml -c configs/digits_fit.yaml
+	$(BIN)/lightning-fastif influence -c configs/digits.yaml -c configs/digits_influence.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

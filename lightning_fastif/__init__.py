@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "InfluenceResult": "lightning_fastif.results",
     "FeatureIndexCallback": "lightning_fastif.callbacks",
     "InfluenceWriter": "lightning_fastif.callbacks",
+    "InfluenceReport": "lightning_fastif.reporting.callback",
     "InfluenceStrategy": "lightning_fastif.strategy",
     "approximation_diagnostics": "lightning_fastif.diagnostics",
 }
@@ -28,6 +29,7 @@ __all__ = [
     "ExactSolver",
     "FeatureIndexCallback",
     "InfluenceModule",
+    "InfluenceReport",
     "InfluenceResult",
     "InfluenceStrategy",
     "InfluenceWriter",
@@ -55,5 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_fastif.diagnostics import approximation_diagnostics
     from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver
     from lightning_fastif.module import InfluenceModule
+    from lightning_fastif.reporting.callback import InfluenceReport
     from lightning_fastif.results import InfluenceResult
     from lightning_fastif.strategy import InfluenceStrategy

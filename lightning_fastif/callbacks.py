@@ -114,8 +114,10 @@ class FeatureIndexCallback(pl.Callback):
     ) -> Path:
         """Extract features of the training set, build the index and save it to ``dirpath``; returns the folder.
 
-        Under DDP (a trainer whose strategy is an ``InfluenceStrategy``) each rank extracts a disjoint shard, rank 0
-        builds and writes one index holding every training id once, and all ranks wait for it.
+        Under DDP every rank must call it (``on_fit_end`` does): with an ``InfluenceStrategy`` each rank extracts the
+        features of a disjoint shard (rows ``rank::world``) and rank 0 gathers them; with another DDP strategy rank 0
+        extracts them all. Rank 0 builds and writes one index holding every training id once; every rank returns
+        once the folder is written, so all of them can load it.
         """
         model = _unwrap(model)
         if train_dataset is None:
@@ -126,21 +128,28 @@ class FeatureIndexCallback(pl.Callback):
         rank = getattr(strategy, "global_rank", 0) if strategy is not None else 0
         show = self.progress and rank == 0 and (trainer is None or trainer.progress_bar_callback is not None)
         n = len(train_dataset)  # type: ignore[arg-type]
-        if world > 1 and hasattr(strategy, "gather_features"):
-            ids = list(range(rank, n, world))
-            name, feats, logits = extract_shard(
-                model, train_dataset, ids, self.feature_layer, self.batch_size, collate_fn, show
-            )
-            gathered = strategy.gather_features(feats, logits, n)
+        if world > 1:  # under DDP: build once on rank 0, every rank waits until the folder is written
+            # InfluenceStrategy: each rank extracts the rows rank::world (fewer rows than ranks: rank 0 alone)
+            if hasattr(strategy, "gather_features") and n >= world:
+                ids = list(range(rank, n, world))
+                name, feats, logits = extract_shard(
+                    model, train_dataset, ids, self.feature_layer, self.batch_size, collate_fn, show
+                )
+                gathered = strategy.gather_features(feats, logits, n)
+                features = (name, *gathered) if rank == 0 else None
+            else:  # another DDP strategy: rank 0 reads the whole training set alone
+                features = None
             if rank == 0:
-                feats, logits = gathered
                 built = build_index(
                     model,
                     train_dataset,
-                    name,
+                    self.feature_layer,
                     self.index_factory,
                     self.backend,
-                    features=(name, feats, logits),
+                    self.batch_size,
+                    collate_fn,
+                    show,
+                    features=features,
                     **self.index_kwargs,
                 )
                 self._save(built)

@@ -14,11 +14,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.dataloader import default_collate
 
+import lightning_fastif.strategy  # noqa: F401  (registers strategy="ddp_influence")
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import batch_size as _batch_size
 from lightning_fastif.functional.batch import call_model, labels_of, logits_of, move_to
@@ -157,11 +158,17 @@ class InfluenceModule(pl.LightningModule):
         return move_to(batch, self._param_device(), self._param_dtype())
 
     def _collectives(self) -> tuple[int, int, Callable[[Tensor], Tensor] | None]:
-        """(rank, world size, all-reduce-sum) of the attached strategy; one process when there is none."""
+        """``(rank, world size, all-reduce-sum)`` for the influence math, from ``trainer.strategy``.
+
+        An :class:`~lightning_fastif.InfluenceStrategy` splitting candidates gives its real rank and world; with
+        one process, another strategy, or ``shard="queries"`` (each rank explains its own queries) this is
+        ``(0, 1, None)``: one-process math, no collective.
+        """
         trainer = self._trainer
         strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-        if strategy is not None and hasattr(strategy, "influence_all_reduce") and strategy.world_size > 1:
-            return strategy.global_rank, strategy.world_size, strategy.influence_all_reduce
+        collectives = getattr(strategy, "influence_collectives", None)
+        if callable(collectives):
+            return collectives()
         return 0, 1, None
 
     def curvature(self, theta: Tensor | None = None, spec: ParamSpec | None = None) -> TrainingCurvature:
@@ -351,23 +358,40 @@ class InfluenceModule(pl.LightningModule):
             )
         self._query_offsets = {}
         self.timings = {}
+        strategy = self.trainer.strategy
+        if getattr(strategy, "shard", None) == "queries" and strategy.world_size > 1:
+            from lightning_fastif.callbacks import InfluenceWriter
+
+            if any(isinstance(cb, InfluenceWriter) for cb in self.trainer.callbacks):
+                rank_zero_warn(
+                    "lightning_fastif: under InfluenceStrategy(shard='queries') each rank explains different "
+                    "queries, but InfluenceWriter writes rank 0's results only; the other ranks' results are in "
+                    "their own `trainer.predict` return values."
+                )
         if self.num_candidates is not None:
             self.candidate_index()
 
     def _query_ids(self, batch_idx: int, dataloader_idx: int, n: int) -> list[int]:
+        """Dataset positions of the ``n`` queries of this batch (ids of the underlying dataset for a ``Subset``).
+
+        Lightning wraps every predict loader's batch sampler to record the indices it yields (also on each rank
+        when queries are split); fall back to counting positions for loaders it could not wrap.
+        """
         trainer = self._trainer
         indices = list(getattr(trainer.predict_loop, "current_batch_indices", []) or []) if trainer else []
-        if (
-            len(indices) != n
-        ):  # no prediction writer attached: count positions (predict loaders are unshuffled)
-            start = self._query_offsets.get(dataloader_idx, 0)
-            indices = list(range(start, start + n))
-        self._query_offsets[dataloader_idx] = max(self._query_offsets.get(dataloader_idx, 0), indices[-1] + 1)
-        dataset = None
+        loader = None
         if trainer is not None:
             loaders = trainer.predict_dataloaders
             loader = loaders[dataloader_idx] if isinstance(loaders, Sequence) else loaders
-            dataset = getattr(loader, "dataset", None)
+        if len(indices) != n:  # no prediction writer attached: read the wrapped batch sampler's record
+            seen = getattr(getattr(loader, "batch_sampler", None), "seen_batch_indices", None)
+            if isinstance(seen, list) and batch_idx < len(seen) and len(seen[batch_idx]) == n:
+                indices = [int(i) for i in seen[batch_idx]]
+        if len(indices) != n:  # not a DataLoader: count positions (predict loaders are unshuffled)
+            start = self._query_offsets.get(dataloader_idx, 0)
+            indices = list(range(start, start + n))
+        self._query_offsets[dataloader_idx] = max(self._query_offsets.get(dataloader_idx, 0), indices[-1] + 1)
+        dataset = getattr(loader, "dataset", None)
         if isinstance(dataset, Subset):  # report ids of the underlying dataset (e.g. the test set)
             indices = [int(dataset.indices[i]) for i in indices]
         return indices

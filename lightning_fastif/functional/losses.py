@@ -83,6 +83,7 @@ class PerExampleLoss:
                 f"Expected `loss_fn` to be a callable(outputs, batch) -> [B] or None, but got {loss_fn!r}."
             )
         self.model = model
+        self.loss_fn = loss_fn
         self.source = (
             "loss_fn"
             if loss_fn is not None
@@ -94,7 +95,10 @@ class PerExampleLoss:
 
     def __call__(self, params: dict[str, Tensor], batch: Any) -> Tensor:
         """Per-example losses ``[B]`` at ``params`` (names as in ``model.named_parameters()``)."""
-        losses = functional_call(self._graph, {f"model.{k}": v for k, v in params.items()}, (batch,))
+        # every parameter is passed: the unselected ones detached, so autograd records nothing for them
+        full = {f"model.{k}": p.detach() for k, p in self.model.named_parameters()}
+        full.update({f"model.{k}": v for k, v in params.items()})
+        losses = functional_call(self._graph, full, (batch,))
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise LossResolutionError(

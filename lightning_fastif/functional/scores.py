@@ -5,6 +5,7 @@ Sign convention (DESIGN section 2): ``I(z, z_test) = -grad L(z) . s_test``; posi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -69,14 +70,14 @@ def split_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor, Ten
 
     Returns:
         ``helpful_ids, helpful_scores`` (most negative first) and ``harmful_ids, harmful_scores`` (most positive
-        first), each ``[Q, min(k, n)]``. Ties keep the smaller position first.
+        first), each ``[Q, min(k, n)]``. Equal scores rank the smaller id first, so the answer does not depend on
+        the order of the candidates, nor on how they were split into shards (see :func:`merge_topk`).
     """
     q, n = scores.shape
     k = min(k, n)
     ids = ids.expand(q, n) if ids.dim() == 1 else ids
-    # stable sorts so equal scores rank deterministically, identically on every process
-    up = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-    down = torch.sort(-scores, dim=1, stable=True).indices[:, :k]
+    up = _lexsort(scores, ids)[:, :k]
+    down = _lexsort(-scores, ids)[:, :k]
     return (
         torch.gather(ids, 1, up),
         torch.gather(scores, 1, up),
@@ -86,14 +87,24 @@ def split_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor, Ten
 
 
 def merge_topk(
-    parts: list[tuple[Tensor, Tensor, Tensor, Tensor]], k: int
+    parts: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]], k: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Merge per-shard :func:`split_topk` outputs into the global top-k (equal to one pass over all shards)."""
+    """Merge per-shard :func:`split_topk` outputs into the global top-k, equal to :func:`split_topk` of all shards.
+
+    Args:
+        parts: one ``(helpful_ids, helpful_scores, harmful_ids, harmful_scores)`` per shard, each ``[Q, k_s]``;
+            shards may hold different numbers ``k_s`` of entries (even none), but no padding.
+        k: entries kept per query.
+
+    Returns:
+        The same four tensors, ``[Q, min(k, sum k_s)]``: by score, equal scores by id (shard order is irrelevant).
+    """
+    if not parts:
+        raise ConfigurationError("Expected `parts` to hold at least one shard's top-k lists, but got none.")
     h_ids = torch.cat([p[0] for p in parts], 1)
     h_sc = torch.cat([p[1] for p in parts], 1)
     x_ids = torch.cat([p[2] for p in parts], 1)
     x_sc = torch.cat([p[3] for p in parts], 1)
-    # order by score, then by id, so the merge does not depend on shard order
     hi = _lexsort(h_sc, h_ids)[:, :k]
     xi = _lexsort(-x_sc, x_ids)[:, :k]
     return (
@@ -105,6 +116,7 @@ def merge_topk(
 
 
 def _lexsort(primary: Tensor, secondary: Tensor) -> Tensor:
+    """Column order of each row of ``[Q, n]`` by ``primary``, equal values by ``secondary`` (both ascending)."""
     first = torch.sort(secondary, dim=1, stable=True).indices
     second = torch.sort(torch.gather(primary, 1, first), dim=1, stable=True).indices
     return torch.gather(first, 1, second)

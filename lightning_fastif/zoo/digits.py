@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fastif.errors import ConfigurationError
 
-__all__ = ["DigitsClassifier", "DigitsDataModule"]
+__all__ = ["DigitsClassifier", "DigitsDataModule", "MLPClassifier"]
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -22,7 +22,6 @@ class DigitsDataModule(pl.LightningDataModule):
     """
 
     image_shape = (8, 8)
-    class_names: tuple[str, ...] = tuple(str(i) for i in range(10))
 
     def __init__(
         self, batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
@@ -80,20 +79,33 @@ class DigitsDataModule(pl.LightningDataModule):
         return sets[name]
 
 
-class DigitsClassifier(pl.LightningModule):
-    """A small tanh MLP (smooth, so influence is well defined) trained with Adam and weight decay.
+class MLPClassifier(pl.LightningModule):
+    """A small tanh MLP (smooth, so influence is well defined) trained with AdamW and weight decay.
+
+    Inputs of any shape are flattened. The penultimate feature is the input of ``head``.
 
     Args:
+        in_features: input size after flattening (64 for digits, 784 for MNIST).
         hidden: width of the two hidden layers.
-        lr: Adam learning rate.
+        num_classes: number of classes.
+        lr: learning rate.
         weight_decay: L2 strength (use about the same value as the solver's damping).
     """
 
-    def __init__(self, hidden: int = 64, lr: float = 1e-2, weight_decay: float = 1e-3) -> None:
+    def __init__(
+        self,
+        in_features: int = 64,
+        hidden: int = 64,
+        num_classes: int = 10,
+        lr: float = 1e-2,
+        weight_decay: float = 1e-3,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.body = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
-        self.head = nn.Linear(hidden, 10)
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
+        )
+        self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -119,3 +131,10 @@ class DigitsClassifier(pl.LightningModule):
         return torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+
+
+class DigitsClassifier(MLPClassifier):
+    """:class:`MLPClassifier` sized for scikit-learn's digits (64 inputs, 10 classes)."""
+
+    def __init__(self, hidden: int = 64, lr: float = 1e-2, weight_decay: float = 1e-3) -> None:
+        super().__init__(in_features=64, hidden=hidden, num_classes=10, lr=lr, weight_decay=weight_decay)

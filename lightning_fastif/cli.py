@@ -1,0 +1,429 @@
+"""``lightning-fastif``: Lightning's CLI (fit, validate, test, predict) plus ``index``, ``influence`` and ``evaluate``.
+
+Arguments come from the signatures and docstrings below; configs are YAML with omegaconf interpolation resolved after
+every file and flag is merged (``parser_mode="omegaconf+"``). See ``configs/`` for examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Subset
+
+from lightning_fastif.callbacks import FeatureIndexCallback, InfluenceWriter
+from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver, Solver
+from lightning_fastif.module import InfluenceModule
+from lightning_fastif.reporting.callback import InfluenceReport
+
+__all__ = ["FastIFCLI", "InfluenceTrainer", "QuerySelection", "main"]
+
+
+@dataclass
+class QuerySelection:
+    """Which examples to explain.
+
+    Attributes:
+        split: dataset of the datamodule the queries come from: ``train``, ``val``, ``test`` or ``predict``.
+        select: ``misclassified`` (examples the model gets wrong, in order), ``ids`` (the given ``ids``) or
+            ``first`` (the first ``n``).
+        ids: query ids (positions in the split), for ``select: ids``.
+        n: at most this many queries (for ``misclassified`` and ``first``).
+        batch_size: queries per predict batch.
+    """
+
+    split: str = "test"
+    select: str = "misclassified"
+    ids: list[int] | None = None
+    n: int = 10
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "val", "test", "predict"):
+            raise ConfigurationError(
+                f"Expected `queries.split` to be train, val, test or predict, but got {self.split!r}."
+            )
+        if self.select not in ("misclassified", "ids", "first"):
+            raise ConfigurationError(
+                f"Expected `queries.select` to be misclassified, ids or first, but got {self.select!r}."
+            )
+        if self.select == "ids" and not self.ids:
+            raise ConfigurationError(
+                "Expected `queries.ids` to be a non-empty list with `select: ids`, but got none."
+            )
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ConfigurationError(f"Expected `queries.n` to be a positive int, but got {self.n!r}.")
+
+
+def _dataset_of(datamodule: pl.LightningDataModule | None, split: str) -> tuple[Any, Any]:
+    """(dataset, collate_fn) of a datamodule split, read from its dataloader (not iterated)."""
+    if datamodule is None:
+        raise ConfigurationError("Expected a `data` (LightningDataModule) in the config, but got none.")
+    stage = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split]
+    datamodule.setup(stage)
+    method = {
+        "train": "train_dataloader",
+        "val": "val_dataloader",
+        "test": "test_dataloader",
+        "predict": "predict_dataloader",
+    }[split]
+    loader = getattr(datamodule, method)()
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise ConfigurationError(
+            f"Expected the datamodule's {method}() to wrap a map-style dataset, but got {type(dataset).__name__}."
+        )
+    return dataset, getattr(loader, "collate_fn", None)
+
+
+def load_weights(model: torch.nn.Module, ckpt_path: str | os.PathLike[str] | None) -> None:
+    """Load a Lightning checkpoint's weights into ``model``, with an error that says what does not match."""
+    if ckpt_path is None:
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigurationError(
+            f"Expected `ckpt_path` to be an existing checkpoint file, but got {str(ckpt_path)!r}."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ConfigurationError(
+            f"Expected `ckpt_path` to be a readable checkpoint, but reading {path} failed: {err}"
+        ) from err
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigurationError(f"Expected `ckpt_path` to hold a state_dict, but got {type(ckpt).__name__}.")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ConfigurationError(
+            f"The checkpoint {path} does not match the model {type(model).__name__}: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]}, shape mismatches {shapes[:8]}. Check `model` and `ckpt_path`."
+        )
+    model.load_state_dict(state)
+
+
+def _select_queries(model: torch.nn.Module, dataset: Any, collate_fn: Any, sel: QuerySelection) -> list[int]:
+    n = len(dataset)
+    if sel.select == "ids":
+        bad = [i for i in sel.ids or [] if not 0 <= int(i) < n]
+        if bad:
+            raise ConfigurationError(f"Expected `queries.ids` to lie in [0, {n}), but got {bad[:10]}.")
+        return [int(i) for i in sel.ids or []]
+    if sel.select == "first":
+        return list(range(min(sel.n, n)))
+    from lightning_fastif.functional.batch import call_model, labels_of, logits_of, move_to
+
+    wrong: list[int] = []
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=512, collate_fn=collate_fn)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        start = 0
+        for batch in loader:
+            batch = move_to(batch, device)
+            logits, labels = logits_of(call_model(model, batch)), labels_of(batch)
+            if logits is None or labels is None:
+                raise ConfigurationError(
+                    "Expected `queries.select: misclassified` to see logits and labels; use ids or first."
+                )
+            wrong += (start + (logits.argmax(-1) != labels).nonzero().flatten()).tolist()
+            start += len(labels)
+            if len(wrong) >= sel.n:
+                break
+    model.train(was)
+    return wrong[: sel.n]
+
+
+def _default_solver() -> Solver:
+    return LiSSASolver(damping=1e-3, scale=10.0, depth=1000, repeats=4, batch_size=8)
+
+
+class InfluenceTrainer(pl.Trainer):
+    """A ``Trainer`` with the influence subcommands of ``lightning-fastif``."""
+
+    def index(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        index_dir: str = "outputs/index",
+        feature_layer: str | None = None,
+        index_factory: str = "Flat",
+        backend: str = "faiss",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        batch_size: int = 256,
+    ) -> Path:
+        """Build the FastIF candidate index (penultimate-layer features of the training set) from a checkpoint.
+
+        Args:
+            model: the trained model (its weights are loaded from ``ckpt_path``).
+            datamodule: provides the training set (read in order, unshuffled).
+            ckpt_path: checkpoint to load.
+            index_dir: folder to write the index to.
+            feature_layer: module whose input is the feature (default: the last nn.Linear called).
+            index_factory: FAISS factory string: Flat (exact), IVF1024,Flat, HNSW32...
+            backend: faiss or torch (exact).
+            nprobe: IVF lists searched per query.
+            ef_search: HNSW search depth.
+            batch_size: batch size of the feature pass.
+        """
+        load_weights(model, ckpt_path)
+        train, collate = _dataset_of(datamodule, "train")
+        cb = FeatureIndexCallback(
+            index_dir,
+            feature_layer=feature_layer,
+            index_factory=index_factory,
+            backend=backend,
+            batch_size=batch_size,
+            nprobe=nprobe,
+            ef_search=ef_search,
+        )
+        start = time.perf_counter()
+        out = cb.build(model, train, trainer=None, collate_fn=collate)
+        rank_zero_info(
+            f"lightning_fastif: index of {len(train)} training examples in {out} ({time.perf_counter() - start:.1f}s)"
+        )
+        return out
+
+    def _influence_module(
+        self,
+        model: pl.LightningModule,
+        datamodule: Any,
+        ckpt_path: str | None,
+        index_dir: str | None,
+        solver: Solver | None,
+        params: list[str] | None,
+        num_candidates: int | None,
+        top_k: int,
+        batch_size: int,
+    ) -> InfluenceModule:
+        load_weights(model, ckpt_path)
+        train, collate = _dataset_of(datamodule, "train")
+        if index_dir is not None and num_candidates is not None and not Path(index_dir).exists():
+            raise ConfigurationError(
+                f"Expected `index_dir` to be an index folder (run `lightning-fastif index` or fit with "
+                f"FeatureIndexCallback first), but {index_dir!r} does not exist."
+            )
+        return InfluenceModule(
+            model,
+            train,
+            params=params,
+            solver=solver or _default_solver(),
+            num_candidates=num_candidates,
+            top_k=top_k,
+            index=index_dir if num_candidates is not None else None,
+            batch_size=batch_size,
+            collate_fn=collate,
+        )
+
+    def influence(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        index_dir: str | None = "outputs/index",
+        output_dir: str = "outputs/influence",
+        solver: Solver | None = None,
+        params: list[str] | None = None,
+        num_candidates: int | None = 1000,
+        top_k: int = 10,
+        queries: QuerySelection = QuerySelection(),  # noqa: B008 - a frozen-by-convention settings block
+        score_batch_size: int = 256,
+        image_shape: list[int] | None = None,
+        report: bool = True,
+    ) -> list[Any]:
+        """Rank the most helpful and most harmful training examples of a set of queries, and write the results.
+
+        Writes ``output_dir/influence.jsonl`` (one query a line), ``output_dir/report.html`` and, when the trainer
+        has a WandbLogger, a W&B table.
+
+        Args:
+            model: the trained model (weights loaded from ``ckpt_path``).
+            datamodule: provides the training set and the query split.
+            ckpt_path: checkpoint to load.
+            index_dir: the candidate index folder (from fit with FeatureIndexCallback or the ``index`` subcommand).
+            output_dir: where results go.
+            solver: ExactSolver, CGSolver or LiSSASolver (default: LiSSA, damping 1e-3, scale 10, depth 1000,
+                repeats 4, batch 8).
+            params: glob patterns of the parameters to differentiate (default: all trainable).
+            num_candidates: k nearest training examples scored per query (null: the whole training set).
+            top_k: helpful and harmful examples kept per query.
+            queries: which examples to explain.
+            score_batch_size: batch size of candidate scoring and Hessian passes.
+            image_shape: reshape flat inputs into images in the reports (default: the datamodule's image_shape).
+            report: write report.html and the W&B table.
+        """
+        im = self._influence_module(
+            model, datamodule, ckpt_path, index_dir, solver, params, num_candidates, top_k, score_batch_size
+        )
+        query_set, collate = _dataset_of(datamodule, queries.split)
+        ids = _select_queries(model, query_set, collate, queries)
+        if not ids:
+            rank_zero_info(
+                "lightning_fastif: no queries selected (no misclassified examples?): nothing to explain"
+            )
+            return []
+        out = Path(output_dir)
+        self.callbacks.append(InfluenceWriter(out))
+        if report:
+            self.callbacks.append(
+                InfluenceReport(
+                    out,
+                    image_shape=image_shape or getattr(datamodule, "image_shape", None),
+                    class_names=getattr(datamodule, "class_names", None),
+                )
+            )
+        self.predict_loop.inference_mode = False  # influence needs gradients inside predict
+        start = time.perf_counter()
+        batches = self.predict(
+            im,
+            dataloaders=DataLoader(Subset(query_set, ids), batch_size=queries.batch_size, collate_fn=collate),
+        )
+        results = [r for b in batches or [] for r in b]
+        rank_zero_info(
+            f"lightning_fastif: explained {len(results)} queries in {time.perf_counter() - start:.1f}s "
+            f"(stages: {', '.join(f'{k} {v:.2f}s' for k, v in im.timings.items())}); results in {out.resolve()}/"
+            "{influence.jsonl, report.html}"
+        )
+        return results
+
+    def evaluate(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        index_dir: str | None = "outputs/index",
+        output_dir: str = "outputs/evaluate",
+        solver: Solver | None = None,
+        reference_solver: Solver | None = None,
+        params: list[str] | None = None,
+        queries: QuerySelection = QuerySelection(n=5),  # noqa: B008
+        ks: list[int] = [10, 100, 1000],  # noqa: B006
+        top_m: int = 10,
+        loo_removals: int = 10,
+        score_batch_size: int = 256,
+    ) -> dict[str, Any]:
+        """Measure the approximations on this model: kNN recall against a full scan, solver agreement against a
+        reference solver, and a small leave-one-out retraining check. Prints tables and writes JSON.
+
+        Args:
+            model: the trained model (weights loaded from ``ckpt_path``).
+            datamodule: provides the training set and the query split.
+            ckpt_path: checkpoint to load.
+            index_dir: the candidate index folder (null: build an exact one in memory).
+            output_dir: where ``evaluation.json`` goes.
+            solver: the solver to check (default as in ``influence``).
+            reference_solver: the solver to compare with (default: ExactSolver when the selected parameters fit
+                in memory, else CGSolver), with the same damping.
+            params: glob patterns of the parameters to differentiate.
+            queries: which examples to evaluate on.
+            ks: candidate counts of the recall table.
+            top_m: size of the full-scan top lists whose recall is measured.
+            loo_removals: training examples removed one at a time in the leave-one-out check (0: skip it).
+            score_batch_size: batch size of scoring and Hessian passes.
+        """
+        from lightning_fastif.diagnostics import approximation_diagnostics
+        from lightning_fastif.evaluation import leave_one_out_check, solver_agreement
+        from lightning_fastif.functional.batch import fetch
+
+        im = self._influence_module(
+            model, datamodule, ckpt_path, index_dir, solver, params, max(ks), 10, score_batch_size
+        )
+        query_set, collate = _dataset_of(datamodule, queries.split)
+        ids = _select_queries(model, query_set, collate, queries)
+        if not ids:
+            raise ConfigurationError("Expected `queries` to select at least one example, but got none.")
+        batch = fetch(query_set, ids, collate)
+        result: dict[str, Any] = {"queries": ids}
+        rep = approximation_diagnostics(im, batch, ks=ks, top_m=top_m)
+        result["knn_recall"] = rep.to_dict()
+        print(
+            f"\n## kNN candidate recall (full-scan top-{top_m} found among the k nearest)\n\n{rep.to_table()}"
+        )
+        p = im.curvature().spec.numel
+        ref = reference_solver or (
+            ExactSolver(im.solver.damping) if p <= 4000 else CGSolver(im.solver.damping, max_iter=300)
+        )
+        ag = solver_agreement(im, ref, batch)
+        result["solver_agreement"] = ag.to_dict()
+        print(
+            f"\n## Solver agreement (influence over all {len(im.train_dataset)} training examples)\n\n"
+            f"| solver | reference | Spearman | Pearson | top-10 overlap | seconds (solver / reference) |\n|---|---|---|---|---|---|\n"
+            f"| {ag.solver} | {ag.reference} | {ag.spearman:.4f} | {ag.pearson:.4f} | {ag.top10_overlap:.2f} | "
+            f"{ag.seconds:.2f} / {ag.reference_seconds:.2f} |"
+        )
+        if loo_removals:
+            loo = leave_one_out_check(im, batch, removals=loo_removals)
+            result["leave_one_out"] = loo.to_dict()
+            print(
+                f"\n## Leave-one-out retraining (query {ids[0]}, {loo_removals} removals, selected parameters, float64)\n\n"
+                f"Pearson {loo.pearson:.4f}, Spearman {loo.spearman:.4f} between predicted (-I/N) and actual changes "
+                "of the test loss"
+            )
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(result, indent=2))
+        for logger in self.loggers:
+            flat = {f"evaluate/recall_abs@{r['k']}": r["recall_abs"] for r in rep.rows}
+            flat.update({"evaluate/solver_spearman": ag.spearman})
+            if "leave_one_out" in result:
+                flat.update({"evaluate/loo_pearson": result["leave_one_out"]["pearson"]})
+            logger.log_metrics(flat)
+            logger.save()
+        rank_zero_info(f"lightning_fastif: evaluation written to {out / 'evaluation.json'}")
+        return result
+
+
+class FastIFCLI(LightningCLI):
+    """Lightning's CLI with the ``index``, ``influence`` and ``evaluate`` subcommands."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "index": {"model", "datamodule"},
+            "influence": {"model", "datamodule"},
+            "evaluate": {"model", "datamodule"},
+        }
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lightning-fastif``."""
+    if args is None and len(sys.argv) == 1:
+        args = ["--help"]
+    FastIFCLI(
+        model_class=pl.LightningModule,
+        subclass_mode_model=True,
+        datamodule_class=pl.LightningDataModule,
+        subclass_mode_data=True,
+        trainer_class=InfluenceTrainer,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""``InfluenceReport``: a predict callback that turns the results into ``report.html`` and a W&B table."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import Subset
+
+from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.results import InfluenceResult
+
+__all__ = ["InfluenceReport"]
+
+
+def _base_dataset(trainer: pl.Trainer, dataloader_idx: int = 0) -> Any:
+    """The query dataset of the predict run, unwrapped from a ``Subset`` (query ids are ids of the base set)."""
+    loaders = trainer.predict_dataloaders
+    loader = loaders[dataloader_idx] if isinstance(loaders, Sequence) else loaders
+    dataset = getattr(loader, "dataset", None)
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+class InfluenceReport(pl.Callback):
+    """Write ``output_dir/report.html`` (self-contained, inputs rendered) and log a W&B table after ``predict``.
+
+    The W&B table goes to the trainer's ``WandbLogger`` when it has one (offline mode works without network);
+    when W&B is missing or fails, the HTML report is still written and the reason is logged.
+
+    Args:
+        output_dir: folder of the report.
+        title: page title.
+        image_shape: reshape flat inputs into images (e.g. ``[8, 8]`` for digits); default: the datamodule's
+            ``image_shape`` attribute when it has one.
+        class_names: names of the classes (default: the datamodule's ``class_names`` when it has one).
+        decoder: turns token ids into text (e.g. ``tokenizer.decode``) for text models.
+        html: write the HTML report.
+        wandb: log the W&B table when a ``WandbLogger`` is attached.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        title: str = "lightning_fastif influence report",
+        image_shape: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
+        decoder: Callable[[Any], str] | None = None,
+        html: bool = True,
+        wandb: bool = True,
+    ) -> None:
+        if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+            raise ConfigurationError(f"Expected `output_dir` to be a folder path, but got {output_dir!r}.")
+        self.output_dir = Path(output_dir)
+        self.title = title
+        self.image_shape = list(image_shape) if image_shape is not None else None
+        self.class_names = list(class_names) if class_names is not None else None
+        self.decoder = decoder
+        self.html, self.wandb = html, wandb
+        self.results: list[InfluenceResult] = []
+        self.html_path: Path | None = None
+        self.wandb_skipped: str | None = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.results = []
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.is_global_zero and outputs:
+            self.results.extend(r for r in outputs if isinstance(r, InfluenceResult))
+
+    def _settings(self, trainer: pl.Trainer) -> dict[str, Any]:
+        dm = getattr(trainer, "datamodule", None)
+        return {
+            "image_shape": self.image_shape or getattr(dm, "image_shape", None),
+            "class_names": self.class_names or getattr(dm, "class_names", None),
+            "decoder": self.decoder,
+        }
+
+    def summary(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Run details shown in the report header and the W&B summary."""
+        solver = getattr(pl_module, "solver", None)
+        out: dict[str, Any] = {
+            "num_candidates": getattr(pl_module, "num_candidates", None) or "all (full scan)",
+            "solver": repr(solver) if solver is not None else None,
+        }
+        timings = getattr(pl_module, "timings", {}) or {}
+        out.update({f"seconds/{k}": round(v, 3) for k, v in timings.items()})
+        diag = getattr(solver, "diagnostics", None)
+        if diag is not None:
+            out["solver iterations (last)"] = diag.iterations
+        return out
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        train = getattr(pl_module, "train_dataset", None)
+        queries = _base_dataset(trainer)
+        settings = self._settings(trainer)
+        summary = self.summary(pl_module)
+        if self.html:
+            from lightning_fastif.reporting.html import write_html_report
+
+            self.html_path = write_html_report(
+                self.results,
+                self.output_dir / "report.html",
+                train,
+                queries,
+                title=self.title,
+                summary=summary,
+                **settings,
+            )
+            rank_zero_info(
+                f"lightning_fastif: HTML report of {len(self.results)} queries in {self.html_path}"
+            )
+        if self.wandb:
+            from lightning_fastif.reporting.wandb_table import log_to_wandb
+
+            self.wandb_skipped = log_to_wandb(
+                trainer.loggers, self.results, train, queries, summary=summary, **settings
+            )
+            if self.wandb_skipped is None:
+                rank_zero_info("lightning_fastif: logged the influence table to W&B")
+            else:
+                rank_zero_warn(f"lightning_fastif: W&B table skipped: {self.wandb_skipped}")
