@@ -1,0 +1,176 @@
+"""The lightning-fastif command line: every shipped config end to end with tiny overrides, and its errors."""
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lightning_fastif.cli import main
+from lightning_fastif.errors import ConfigurationError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+MNIST = ROOT.parent / "shared" / "data" / "mnist" / "mnist.npz"
+QUIET = ["--trainer.enable_progress_bar=false"]
+
+
+def _run(*args):
+    main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """fit (with the index callback) on digits, once for the module: a few epochs only."""
+    root = tmp_path_factory.mktemp("digits")
+    os.environ["WANDB_MODE"] = "offline"
+    _run(
+        "fit",
+        "-c",
+        CONFIGS / "digits.yaml",
+        "-c",
+        CONFIGS / "digits_fit.yaml",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_epochs=4",
+        *QUIET,
+    )
+    return root
+
+
+def _influence_args(root, *extra):
+    return [
+        "influence",
+        "-c",
+        CONFIGS / "digits.yaml",
+        "-c",
+        CONFIGS / "digits_influence.yaml",
+        f"--trainer.default_root_dir={root}",
+        "--solver.init_args.depth=20",
+        "--solver.init_args.repeats=1",
+        "--queries.n=3",
+        *QUIET,
+        *extra,
+    ]
+
+
+def test_digits_fit_influence_evaluate_with_wandb_offline(digits_run):
+    root = digits_run
+    assert (root / "checkpoints" / "model.ckpt").is_file() and (root / "index" / "meta.json").is_file()
+    _run(*_influence_args(root))
+    lines = (root / "influence" / "influence.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(len(json.loads(line)["helpful_ids"]) == 8 for line in lines)
+    html = (root / "influence" / "report.html").read_text()
+    assert html.count("data:image/png;base64") > 3 * 16  # queries and their training examples rendered
+    tables = glob.glob(
+        str(root / "wandb" / "offline-run-*" / "files" / "media" / "table" / "influence_*.table.json")
+    )
+    assert tables, "the W&B table is in the offline run files"
+    table = json.loads(Path(tables[-1]).read_text())
+    assert "train_id" in table["columns"] and len(table["data"]) == 3 * 2 * 8
+    _run(
+        "evaluate",
+        "-c",
+        CONFIGS / "digits.yaml",
+        "-c",
+        CONFIGS / "digits_evaluate.yaml",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.logger=false",
+        "--queries.n=2",
+        "--ks=[10,100]",
+        "--loo_removals=3",
+        "--solver.init_args.depth=50",
+        *QUIET,
+    )
+    ev = json.loads((root / "evaluate" / "evaluation.json").read_text())
+    assert [r["k"] for r in ev["knn_recall"]["rows"]] == [10, 100]
+    assert -1.0 <= ev["solver_agreement"]["spearman"] <= 1.0 and len(ev["leave_one_out"]["actual"]) == 3
+
+
+def test_index_subcommand_rebuilds_the_fit_index(digits_run, tmp_path):
+    _run(
+        "index",
+        "-c",
+        CONFIGS / "digits.yaml",
+        f"--trainer.default_root_dir={digits_run}",
+        f"--ckpt_path={digits_run / 'checkpoints' / 'model.ckpt'}",
+        f"--index_dir={tmp_path / 'idx'}",
+        "--trainer.logger=false",
+    )
+    a = json.loads((digits_run / "index" / "meta.json").read_text())
+    b = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert a["model_fingerprint"] == b["model_fingerprint"] and a["ntotal"] == b["ntotal"]
+
+
+def test_unknown_config_key_is_a_parser_error_not_a_traceback(digits_run, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _run(*_influence_args(digits_run, "--num_candidatez=5"))
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "num_candidatez" in err and "Traceback" not in err
+
+
+def test_checkpoint_that_does_not_match_the_model(digits_run, tmp_path):
+    import torch
+
+    from lightning_fastif.zoo import DigitsClassifier
+
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": DigitsClassifier(hidden=32).state_dict()}, other)  # weights of another shape
+    with pytest.raises(ConfigurationError, match="does not match the model.*shape mismatches.*body.1.weight"):
+        _run(*_influence_args(digits_run, f"--ckpt_path={other}", "--trainer.logger=false"))
+
+
+def test_index_folder_that_does_not_exist(digits_run, tmp_path):
+    with pytest.raises(ConfigurationError, match="`index_dir`.*does not exist"):
+        _run(*_influence_args(digits_run, f"--index_dir={tmp_path / 'missing'}", "--trainer.logger=false"))
+
+
+def test_query_id_out_of_range(digits_run):
+    with pytest.raises(ConfigurationError, match=r"`queries.ids`.*\[0, 359\).*\[5000\]"):
+        _run(
+            *_influence_args(
+                digits_run, "--queries.select=ids", "--queries.ids=[1,5000]", "--trainer.logger=false"
+            )
+        )
+
+
+def test_missing_checkpoint_file(digits_run, tmp_path):
+    with pytest.raises(ConfigurationError, match="`ckpt_path`"):
+        _run(*_influence_args(digits_run, f"--ckpt_path={tmp_path / 'none.ckpt'}", "--trainer.logger=false"))
+
+
+@pytest.mark.skipif(not MNIST.is_file(), reason=f"needs the shared MNIST file at {MNIST}")
+def test_mnist_configs_with_ivf_index_and_fast_lissa(tmp_path):
+    common = [
+        "-c",
+        CONFIGS / "mnist.yaml",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.init_args.path={MNIST}",
+        "--data.init_args.train_size=3000",
+        "--trainer.logger=false",
+        *QUIET,
+    ]
+    _run(
+        "fit",
+        *common[:2],
+        "-c",
+        CONFIGS / "mnist_fit.yaml",
+        *common[2:],
+        "--trainer.max_epochs=1",
+        "--trainer.callbacks.index_factory=IVF16,Flat",
+    )
+    meta = json.loads((tmp_path / "index" / "meta.json").read_text())
+    assert meta["factory"] == "IVF16,Flat" and meta["ntotal"] == 3000
+    _run(
+        "influence",
+        *common[:2],
+        "-c",
+        CONFIGS / "mnist_influence.yaml",
+        *common[2:],
+        "--solver.init_args.depth=10",
+        "--queries.n=2",
+        "--num_candidates=200",
+    )
+    lines = (tmp_path / "influence" / "influence.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["num_candidates"] == 200
