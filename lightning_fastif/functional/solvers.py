@@ -36,6 +36,9 @@ __all__ = [
 
 MatVec = Callable[[Tensor], Tensor]
 
+LISSA_SETTLED = 1e-2
+"""LiSSA's diagnostics call a chain settled when its last step changed the estimate by less than this fraction."""
+
 
 @dataclass
 class SolverDiagnostics:
@@ -137,6 +140,9 @@ def lissa(
     and ``H_j = sample_hvp(c, j)`` the HVP of a fresh random batch; the chain's estimate is ``h_J / s``, which
     tends to ``(H + damping I)^{-1} v`` when ``s`` exceeds H's largest eigenvalue.
 
+    Diagnostics: ``residual_norm`` is the largest relative change of the last step, ``||h_J - h_{J-1}|| / ||h_J||``
+    (small once the recursion has settled; increase ``depth`` when it is not).
+
     Raises:
         SolverDivergenceError: the iterates become non-finite or grow past ``100 (j + 1) ||v||``, which a
             convergent recursion (every step a contraction of norm <= 1) cannot reach; the message names `scale`.
@@ -146,9 +152,11 @@ def lissa(
     vnorm = rhs.norm(dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
     total = torch.zeros_like(rhs)
     done = 0
+    last_step = 0.0
     for c in chains:
         h = rhs.clone()
         for j in range(1, depth + 1):
+            h_prev = h
             h = rhs + (1.0 - d) * h - sample_hvp(c, j)(h) / scale
             hnorm = h.norm(dim=-1)
             if not bool(torch.isfinite(hnorm).all()) or bool((hnorm > 100.0 * (j + 1) * vnorm).any()):
@@ -161,9 +169,13 @@ def lissa(
             if progress is not None:
                 progress(done, depth * len(chains))
         total = total + h / scale
+        # the last step's relative change: near 0 once the recursion has settled (minibatch noise keeps it above 0)
+        last_step = max(last_step, float(((h - h_prev).norm(dim=-1) / hnorm.clamp_min(1e-30)).max()))
     diag = SolverDiagnostics(
         "lissa",
         iterations=depth * len(chains),
+        residual_norm=last_step,
+        converged=last_step < LISSA_SETTLED,
         estimate_norm=float((total / max(1, len(chains))).norm(dim=-1).max()) if chains else 0.0,
         extra={"chains": list(chains), "d": d},
     )
