@@ -16,15 +16,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
 import lightning_fastif.strategy  # noqa: F401  (registers strategy="ddp_influence")
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import batch_size as _batch_size
-from lightning_fastif.functional.batch import call_model, labels_of, logits_of, move_to
+from lightning_fastif.functional.batch import call_model, fetch, labels_of, logits_of, move_to
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads
+from lightning_fastif.functional.head import head_scores
 from lightning_fastif.functional.losses import check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
 from lightning_fastif.functional.scores import merge_topk, score_batch, split_topk
@@ -71,7 +72,8 @@ class InfluenceModule(pl.LightningModule):
         feature_layer: module whose input is the indexed feature (default: the last ``nn.Linear``).
         batch_size: batch size of scoring and of full passes over the training set.
         collate_fn: collate function for training examples (default: torch's ``default_collate``).
-        score_method: ``"auto"``, ``"jvp"`` (forward mode) or ``"grad"`` (per-example gradients).
+        score_method: ``"auto"`` (the head fast path when it applies, else jvp for up to 32 queries and per-example
+            gradients beyond), ``"jvp"`` (forward mode), ``"grad"`` (per-example gradients) or ``"head"``.
 
     Example:
         >>> import lightning_fastif as lf
@@ -132,10 +134,15 @@ class InfluenceModule(pl.LightningModule):
         self.index = index
         self.feature_layer = feature_layer
         self.score_batch_size = batch_size
+        self._user_collate = collate_fn
         self.collate_fn = collate_fn or default_collate
         self.score_method = score_method
         self.timings: dict[str, float] = {}
         self._candidates: Any = None  # the resolved candidate index (lazy)
+        self._cache: dict[str, Tensor] | None = (
+            None  # features and logits of the training set, from the index
+        )
+        self._train_labels: Tensor | None = None
         self._feature_layer_name: str | None = None
         self._query_offsets: dict[int, int] = {}
 
@@ -239,15 +246,62 @@ class InfluenceModule(pl.LightningModule):
         start = time.perf_counter()
         theta, spec = self._theta()
         s_test = s_test.to(device=theta.device, dtype=theta.dtype)
+        head = self._head_fast_path(spec)
+        if head is not None:  # cached features and logits: no forward pass at all
+            out = self._head_scores(head, spec, s_test, ids)
+            self._timed("scoring", start)
+            return out
+        method = "jvp" if self.score_method == "head" else self.score_method
         parts = []
         with eval_mode(self.model):
-            for batch in self.candidate_loader(ids):
-                batch = self._prepare(batch)
-                parts.append(score_batch(self.loss, theta, spec, batch, s_test, self.score_method).detach())
+            for chunk in ids.split(self.score_batch_size):
+                batch = self._prepare(fetch(self.train_dataset, chunk.tolist(), self._user_collate))
+                parts.append(score_batch(self.loss, theta, spec, batch, s_test, method).detach())
         self._timed("scoring", start)
         if not parts:
             return s_test.new_zeros(s_test.shape[0], 0)
         return torch.cat(parts).T
+
+    def _head_fast_path(self, spec: ParamSpec) -> tuple[str, str | None] | None:
+        """``(weight name, bias name)`` when scores can come from cached features and logits (DESIGN section 2):
+        the selected parameters are exactly the indexed ``Linear`` head, the loss is the default cross-entropy,
+        the model computes in float32 like the cache, and ``score_method`` is ``"auto"`` or ``"head"``."""
+        if (
+            self.score_method not in ("auto", "head")
+            or self._cache is None
+            or self.loss.source != "classification"
+        ):
+            return None
+        layer = self._feature_layer_name
+        module = dict(self.model.named_modules()).get(layer or "")
+        if not isinstance(module, nn.Linear) or self._param_dtype() != torch.float32:
+            return None
+        w, b = f"{layer}.weight", f"{layer}.bias" if module.bias is not None else None
+        return (w, b) if set(spec.names) == {w, b} - {None} else None
+
+    def _labels(self, ids: Tensor) -> Tensor:
+        if self._train_labels is None and isinstance(self.train_dataset, TensorDataset):
+            self._train_labels = labels_of(self.train_dataset.tensors)
+        if self._train_labels is not None:
+            return self._train_labels[ids]
+        labels = labels_of(fetch(self.train_dataset, ids.tolist(), self._user_collate))
+        if labels is None:
+            raise ConfigurationError("Expected the training examples to carry labels for the head fast path.")
+        return labels
+
+    def _head_scores(
+        self, head: tuple[str, str | None], spec: ParamSpec, s_test: Tensor, ids: Tensor
+    ) -> Tensor:
+        cache = self._cache or {}
+        parts = spec.unflatten(s_test)
+        s_w = parts[head[0]]
+        s_b = parts[head[1]] if head[1] is not None else None
+        out = []
+        for chunk in ids.split(max(self.score_batch_size, 4096)):
+            feats = cache["features"][chunk].to(s_test.device)
+            logits = cache["logits"][chunk].to(s_test.device)
+            out.append(head_scores(feats, logits, self._labels(chunk).to(s_test.device), s_w, s_b))
+        return torch.cat(out).T if out else s_test.new_zeros(s_test.shape[0], 0)
 
     def influence(self, batch: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """``I(z_i, z_test) = -grad L(z_i) . s_test(z_test)`` for the given training ids (all N if None): ``[B, n]``.
@@ -273,6 +327,11 @@ class InfluenceModule(pl.LightningModule):
                 expected["feature_layer"] = self.feature_layer
             index, meta = load_index(self.index, expected=expected)
             self._feature_layer_name = meta.feature_layer
+            if {"features", "logits"} <= set(meta.arrays):
+                from lightning_fastif.retrieval.store import load_arrays
+
+                arrays = load_arrays(self.index, ["features", "logits"])
+                self._cache = {k: torch.as_tensor(v) for k, v in arrays.items()}
         elif isinstance(self.index, CandidateIndex):
             index = self.index
             if index.ntotal != n:
@@ -295,6 +354,8 @@ class InfluenceModule(pl.LightningModule):
                 batch_size=self.score_batch_size,
             )
             index, self._feature_layer_name = built.index, built.meta["feature_layer"]
+            if built.logits is not None:
+                self._cache = {"features": built.features, "logits": built.logits}
         else:
             raise ConfigurationError(
                 f"Expected `index` to be a CandidateIndex, an index folder path or None, but got {type(self.index).__name__}."

@@ -195,3 +195,20 @@ def test_move_to_casts_only_floating_tensors():
         {"x": torch.zeros(2), "y": torch.ones(2, dtype=torch.long), "t": ["a", "b"]}, "cpu", torch.float64
     )
     assert b["x"].dtype == torch.float64 and b["y"].dtype == torch.long and b["t"] == ["a", "b"]
+
+
+def test_head_fast_path_equals_jvp_scores_of_the_head():
+    from lightning_fastif.functional.head import head_scores
+
+    model, x, y = _tanh_mlp()
+    params = select_params(model, ["2.*"])
+    spec = ParamSpec.of(params)
+    theta = spec.flatten(params)
+    s = torch.randn(3, spec.numel, dtype=torch.float64)
+    ref = jvp_scores(resolve_loss(model), theta, spec, (x, y), s)
+    with torch.no_grad():
+        phi = model[1](model[0](x))
+        logits = model[2](phi)
+    parts = spec.unflatten(s)
+    fast = head_scores(phi, logits, y, parts["2.weight"], parts["2.bias"])
+    torch.testing.assert_close(fast, ref)
