@@ -24,7 +24,7 @@ from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import batch_size as _batch_size
 from lightning_fastif.functional.batch import call_model, fetch, labels_of, logits_of, move_to
 from lightning_fastif.functional.curvature import TrainingCurvature
-from lightning_fastif.functional.grads import per_example_grads
+from lightning_fastif.functional.grads import per_example_grads_and_losses
 from lightning_fastif.functional.head import head_scores
 from lightning_fastif.functional.losses import check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
@@ -113,9 +113,9 @@ class InfluenceModule(pl.LightningModule):
         _check_positive_int("num_candidates", num_candidates, allow_none=True)
         _check_positive_int("top_k", top_k)
         _check_positive_int("batch_size", batch_size)
-        if score_method not in ("auto", "jvp", "grad"):
+        if score_method not in ("auto", "jvp", "grad", "head"):
             raise ConfigurationError(
-                f"Expected `score_method` to be 'auto', 'jvp' or 'grad', but got {score_method!r}."
+                f"Expected `score_method` to be 'auto', 'jvp', 'grad' or 'head', but got {score_method!r}."
             )
         n = len(train_dataset)  # type: ignore[arg-type]
         if num_candidates is not None and num_candidates > n:
@@ -204,8 +204,8 @@ class InfluenceModule(pl.LightningModule):
         batch = self._prepare(batch)
         theta, spec = self._theta()
         with eval_mode(self.model):
-            check_finite(self.loss(spec.unflatten(theta), batch).detach(), "query loss")
-            grads = per_example_grads(self.loss, theta, spec, batch)
+            grads, losses = per_example_grads_and_losses(self.loss, theta, spec, batch)
+        check_finite(losses.detach(), "query loss")
         check_finite(grads, "query gradient")
         return grads
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad, grad_and_value, vmap
 
 from lightning_fastif.functional.batch import batch_size, slice_batch
 from lightning_fastif.functional.params import ParamSpec
 
-__all__ = ["flat_loss", "mean_grad", "per_example_grads"]
+__all__ = ["flat_loss", "mean_grad", "per_example_grads", "per_example_grads_and_losses"]
 
 Loss = Callable[[dict[str, Tensor], Any], Tensor]
 
@@ -57,7 +57,14 @@ def _has_only_tensors(batch: Any) -> bool:
 def per_example_grads(
     loss: Loss, theta: Tensor, spec: ParamSpec, batch: Any, chunk_size: int | None = 64
 ) -> Tensor:
-    """Per-example gradients ``[B, P]`` of the loss at ``theta``.
+    """Per-example gradients ``[B, P]``; see :func:`per_example_grads_and_losses`."""
+    return per_example_grads_and_losses(loss, theta, spec, batch, chunk_size)[0]
+
+
+def per_example_grads_and_losses(
+    loss: Loss, theta: Tensor, spec: ParamSpec, batch: Any, chunk_size: int | None = 64
+) -> tuple[Tensor, Tensor]:
+    """Per-example gradients ``[B, P]`` and losses ``[B]`` at ``theta``, from one pass.
 
     ``vmap(grad)`` over chunks of ``chunk_size`` examples; a plain loop over examples when the batch holds
     non-tensor leaves or the model does not support ``vmap`` (for example a GRU).
@@ -67,24 +74,27 @@ def per_example_grads(
         >>> m = torch.nn.Linear(3, 2)
         >>> params = {n: p.detach() for n, p in m.named_parameters()}
         >>> spec = ParamSpec.of(params)
-        >>> g = per_example_grads(PerExampleLoss(m), spec.flatten(params), spec,
-        ...                       (torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])))
-        >>> g.shape
-        torch.Size([5, 8])
+        >>> g, losses = per_example_grads_and_losses(
+        ...     PerExampleLoss(m), spec.flatten(params), spec, (torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))
+        ... )
+        >>> g.shape, losses.shape
+        (torch.Size([5, 8]), torch.Size([5]))
     """
     n = batch_size(batch)
     step = n if not chunk_size else max(1, int(chunk_size))
 
-    def one(theta_: Tensor, example: Any) -> Tensor:
-        return grad(flat_loss(loss, spec, _unsqueeze_tensors(example), "sum"))(theta_)
+    def one(theta_: Tensor, example: Any) -> tuple[Tensor, Tensor]:
+        return grad_and_value(flat_loss(loss, spec, _unsqueeze_tensors(example), "sum"))(theta_)
 
     if _has_only_tensors(batch):
         try:
             batched = vmap(one, in_dims=(None, 0))
-            return torch.cat(
-                [batched(theta, slice_batch(batch, slice(i, i + step))) for i in range(0, n, step)]
-            )
+            parts = [batched(theta, slice_batch(batch, slice(i, i + step))) for i in range(0, n, step)]
+            return torch.cat([g for g, _ in parts]), torch.cat([v for _, v in parts])
         except (RuntimeError, NotImplementedError):
             pass  # fall back to the loop below (operators without batching rules)
-    rows = [grad(flat_loss(loss, spec, slice_batch(batch, slice(i, i + 1)), "sum"))(theta) for i in range(n)]
-    return torch.stack(rows)
+    rows = [
+        grad_and_value(flat_loss(loss, spec, slice_batch(batch, slice(i, i + 1)), "sum"))(theta)
+        for i in range(n)
+    ]
+    return torch.stack([g for g, _ in rows]), torch.stack([v for _, v in rows])

@@ -223,13 +223,14 @@ class ExactSolver(Solver):
         super().__init__(damping)
         _check_number("max_memory_gb", max_memory_gb, low=0.0, strict=True)
         self.max_memory_gb = float(max_memory_gb)
-        self._cache: tuple[str, Tensor, bool] | None = None  # (key, factor, is_cholesky)
+        self._cache: tuple[str, Tensor, bool] | None = None  # (key, inverse or LU, positive definite)
 
     def config(self) -> dict[str, Any]:
         return {"damping": self.damping, "max_memory_gb": self.max_memory_gb}
 
     def factorise(self, curvature: TrainingCurvature) -> tuple[Tensor, bool]:
-        """The (cached) Cholesky factor of ``H + damping I``, or an LU factorisation when it is not PD."""
+        """The (cached) inverse of ``H + damping I`` (from its Cholesky factor), or an LU factorisation when it is
+        not positive definite."""
         key = f"{curvature.key}:{self.damping}"
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
@@ -244,7 +245,11 @@ class ExactSolver(Solver):
         h = 0.5 * (h + h.T) + self.damping * torch.eye(p, dtype=h.dtype, device=h.device)
         factor, info = torch.linalg.cholesky_ex(h)
         is_chol = int(info) == 0
-        if not is_chol:
+        if is_chol:
+            # keep the explicit inverse: a solve is then one matrix product, several times faster per query than
+            # two triangular solves, at the same P x P memory
+            factor = torch.cholesky_inverse(factor)
+        else:
             lu, pivots = torch.linalg.lu_factor(h)
             factor = torch.cat([lu, pivots.to(lu.dtype)[None]], 0)
         self._cache = (key, factor, is_chol)
@@ -255,7 +260,7 @@ class ExactSolver(Solver):
         cached = self._cache is not None and self._cache[0] == f"{curvature.key}:{self.damping}"
         factor, is_chol = self.factorise(curvature)
         if is_chol:
-            x = torch.cholesky_solve(vectors.T, factor).T
+            x = vectors @ factor  # factor = (H + damping I)^-1, symmetric
         else:
             lu, pivots = factor[:-1], factor[-1].to(torch.int32)
             x = torch.linalg.lu_solve(lu, pivots, vectors.T).T
