@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import Dataset
 
+import lightning_fastif.strategy  # noqa: F401  (registers strategy="ddp_influence")
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.retrieval.build import build_index, extract_shard
 from lightning_fastif.retrieval.store import save_index

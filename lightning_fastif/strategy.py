@@ -190,7 +190,8 @@ class InfluenceStrategy(DDPStrategy):
                     "Expected predict dataloader "
                     f"{i} to be split over the {self.world_size} ranks under InfluenceStrategy(shard='queries'), "
                     f"but its sampler ({type(sampler).__name__}) is not: every rank would explain every query. "
-                    "Keep `Trainer(use_distributed_sampler=True)` (the default) or use shard='candidates'."
+                    "Keep `Trainer(use_distributed_sampler=True)` (the default) and a map-style query dataset "
+                    "(Lightning does not split iterable ones), or use shard='candidates'."
                 )
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
