@@ -252,15 +252,14 @@ class InfluenceModule(pl.LightningModule):
             self._timed("scoring", start)
             return out
         method = "jvp" if self.score_method == "head" else self.score_method
-        parts = []
+        out = s_test.new_empty(s_test.shape[0], ids.numel())  # the only thing that grows with N: the scores
         with eval_mode(self.model):
-            for chunk in ids.split(self.score_batch_size):
-                batch = self._prepare(fetch(self.train_dataset, chunk.tolist(), self._user_collate))
-                parts.append(score_batch(self.loss, theta, spec, batch, s_test, method).detach())
+            for at in range(0, ids.numel(), self.score_batch_size):
+                chunk = ids[at : at + self.score_batch_size].tolist()
+                batch = self._prepare(fetch(self.train_dataset, chunk, self._user_collate))
+                out[:, at : at + len(chunk)] = score_batch(self.loss, theta, spec, batch, s_test, method).T
         self._timed("scoring", start)
-        if not parts:
-            return s_test.new_zeros(s_test.shape[0], 0)
-        return torch.cat(parts).T
+        return out
 
     def _head_fast_path(self, spec: ParamSpec) -> tuple[str, str | None] | None:
         """``(weight name, bias name)`` when scores can come from cached features and logits (DESIGN section 2):

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.func import jvp, vmap
 
 from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.functional.batch import batch_size, slice_batch
 from lightning_fastif.functional.grads import Loss, flat_loss, per_example_grads
 from lightning_fastif.functional.params import ParamSpec
 
@@ -48,8 +49,17 @@ def jvp_scores(loss: Loss, theta: Tensor, spec: ParamSpec, batch: Any, s_test: T
 def grad_scores(
     loss: Loss, theta: Tensor, spec: ParamSpec, batch: Any, s_test: Tensor, chunk_size: int | None = 64
 ) -> Tensor:
-    """Scores ``[B, Q]`` as ``-G s_test^T`` with per-example gradients ``G [B, P]`` (cheaper for many queries)."""
-    return -(per_example_grads(loss, theta, spec, batch, chunk_size) @ s_test.T)
+    """Scores ``[B, Q]`` as ``-G s_test^T`` with per-example gradients ``G`` (cheaper for many queries).
+
+    ``G`` is made ``chunk_size`` examples at a time and multiplied at once, so at most ``[chunk_size, P]`` is held.
+    """
+    n = batch_size(batch)
+    step = n if not chunk_size else max(1, int(chunk_size))
+    parts = [
+        per_example_grads(loss, theta, spec, slice_batch(batch, slice(i, i + step)), None) @ s_test.T
+        for i in range(0, n, step)
+    ]
+    return -torch.cat(parts)
 
 
 def score_batch(
