@@ -40,6 +40,7 @@ class FeatureIndexCallback(pl.Callback):
         batch_size: batch size of the feature pass.
         nprobe, ef_search: search settings of IVF and HNSW indexes.
         progress: show a progress bar over the feature pass (on rank 0).
+        collate_fn: how to batch ``train_dataset`` items (default: the fit loader's, else torch's default).
 
     Call :meth:`build` to index an already trained model without fitting.
 
@@ -59,6 +60,7 @@ class FeatureIndexCallback(pl.Callback):
         nprobe: int | None = None,
         ef_search: int | None = None,
         progress: bool = True,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
             raise ConfigurationError(f"Expected `dirpath` to be a folder path, but got {dirpath!r}.")
@@ -78,6 +80,7 @@ class FeatureIndexCallback(pl.Callback):
         self.batch_size = batch_size
         self.index_kwargs = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
         self.progress = progress
+        self.collate_fn = collate_fn
         self.built_meta: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------------ hooks
@@ -121,6 +124,7 @@ class FeatureIndexCallback(pl.Callback):
         once the folder is written, so all of them can load it.
         """
         model = _unwrap(model)
+        collate_fn = collate_fn or self.collate_fn
         if train_dataset is None:
             train_dataset, loader_collate = self._fit_dataset(trainer)
             collate_fn = collate_fn or loader_collate

@@ -40,6 +40,10 @@ class IndexCorruptError(FastIFError, OSError):
     """A saved candidate index is missing files or is truncated."""
 
 
+class UnsupportedModelError(FastIFError, RuntimeError):
+    """The model uses an operator that the needed differentiation mode does not support."""
+
+
 class DistributedError(FastIFError, RuntimeError):
     """A rank failed or the ranks disagree."""
 

@@ -48,6 +48,28 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+class _StageProgress:
+    """``callback(stage, done, total)`` drawing one tqdm bar per long stage (shown only after 2 s)."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None or bar.total != total or done < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = self.bars[stage] = tqdm(
+                total=total, desc=f"lightning_fastif {stage}", delay=2.0, leave=False
+            )
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            self.bars.pop(stage, None)
+
+
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -74,6 +96,7 @@ class InfluenceModule(pl.LightningModule):
         collate_fn: collate function for training examples (default: torch's ``default_collate``).
         score_method: ``"auto"`` (the head fast path when it applies, else jvp for up to 32 queries and per-example
             gradients beyond), ``"jvp"`` (forward mode), ``"grad"`` (per-example gradients) or ``"head"``.
+        progress: show progress bars (tqdm, rank 0) over solver iterations and full passes that last over 2 s.
 
     Example:
         >>> import lightning_fastif as lf
@@ -96,6 +119,7 @@ class InfluenceModule(pl.LightningModule):
         batch_size: int = 256,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         score_method: str = "auto",
+        progress: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -138,6 +162,8 @@ class InfluenceModule(pl.LightningModule):
         self.collate_fn = collate_fn or default_collate
         self.score_method = score_method
         self.timings: dict[str, float] = {}
+        self.progress = bool(progress)
+        self._progress = _StageProgress()
         self._candidates: Any = None  # the resolved candidate index (lazy)
         self._cache: dict[str, Tensor] | None = (
             None  # features and logits of the training set, from the index
@@ -193,6 +219,7 @@ class InfluenceModule(pl.LightningModule):
             rank=rank,
             world_size=world,
             all_reduce=all_reduce,
+            progress=self._progress if self.progress and self.global_rank == 0 else None,
         )
 
     def _timed(self, stage: str, start: float) -> None:

@@ -212,3 +212,65 @@ def test_head_fast_path_equals_jvp_scores_of_the_head():
     parts = spec.unflatten(s)
     fast = head_scores(phi, logits, y, parts["2.weight"], parts["2.bias"])
     torch.testing.assert_close(fast, ref)
+
+
+class _NoForwardAD(torch.autograd.Function):
+    """tanh with a backward but no forward-mode rule, like fused attention kernels."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.tanh()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _FusedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        return self.b(_NoForwardAD.apply(self.a(x)))
+
+
+def test_jvp_scoring_falls_back_to_per_example_gradients_when_forward_mode_is_missing():
+    m = _FusedNet()
+    params = select_params(m)
+    spec = ParamSpec.of(params)
+    theta = spec.flatten(params)
+    batch = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1]))
+    s = torch.randn(2, spec.numel, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="Forward-mode AD is not supported"):
+        out = score_batch(resolve_loss(m), theta, spec, batch, s, "jvp")
+    torch.testing.assert_close(out, grad_scores(resolve_loss(m), theta, spec, batch, s))
+
+
+def test_hvp_that_no_mode_supports_is_a_clear_error(monkeypatch):
+    import lightning_fastif.functional.hvp as hvp_mod
+    from lightning_fastif.errors import UnsupportedModelError
+
+    def no_double_backward(*args, **kwargs):
+        raise RuntimeError("derivative for fused_kernel_backward is not implemented")
+
+    monkeypatch.setattr(hvp_mod, "_hvp_double_backward", no_double_backward)
+    m = _FusedNet()
+    params = select_params(m)
+    spec = ParamSpec.of(params)
+    batch = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1]))
+    with pytest.raises(UnsupportedModelError, match="attn_implementation"):
+        batch_hvp(
+            resolve_loss(m),
+            spec.flatten(params),
+            spec,
+            batch,
+            torch.randn(2, spec.numel, dtype=torch.float64),
+        )

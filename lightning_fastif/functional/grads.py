@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -91,8 +92,13 @@ def per_example_grads_and_losses(
             batched = vmap(one, in_dims=(None, 0))
             parts = [batched(theta, slice_batch(batch, slice(i, i + step))) for i in range(0, n, step)]
             return torch.cat([g for g, _ in parts]), torch.cat([v for _, v in parts])
-        except (RuntimeError, NotImplementedError):
-            pass  # fall back to the loop below (operators without batching rules)
+        except (RuntimeError, NotImplementedError) as err:  # operators without batching rules: loop below
+            warnings.warn(
+                f"vmap over examples failed for this model ({type(err).__name__}: {str(err)[:200]}); computing "
+                "per-example gradients one example at a time (correct, but slower). Data-dependent Python control "
+                "flow in the model (for example a check on a padding mask) is the usual cause.",
+                stacklevel=2,
+            )
     rows = [
         grad_and_value(flat_loss(loss, spec, slice_batch(batch, slice(i, i + 1)), "sum"))(theta)
         for i in range(n)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, hessian, jvp, vmap
 
+from lightning_fastif.errors import UnsupportedModelError
 from lightning_fastif.functional.grads import Loss, flat_loss
 from lightning_fastif.functional.params import ParamSpec
 
@@ -76,10 +77,18 @@ def batch_hvp(
     else:
         try:
             out = _hvp_double_backward(f, theta, vecs)
-        except RuntimeError:
+        except RuntimeError as first:
             if method == "double_backward":
                 raise
-            out = _hvp_forward_over_reverse(f, theta, vecs)
+            try:
+                out = _hvp_forward_over_reverse(f, theta, vecs)
+            except (RuntimeError, NotImplementedError) as second:
+                raise UnsupportedModelError(
+                    "Cannot take Hessian-vector products of this model: double backward failed "
+                    f"({str(first)[:160]}) and forward-over-reverse failed ({str(second)[:160]}). Fused kernels "
+                    "are the usual cause: for attention use the math path (Hugging Face: "
+                    '`attn_implementation="eager"`; torch: `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`).'
+                ) from second
     return out[0] if single else out
 
 

@@ -5,6 +5,7 @@ Sign convention (DESIGN section 2): ``I(z, z_test) = -grad L(z) . s_test``; posi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,7 +70,16 @@ def score_batch(
     if method == "auto":
         method = "jvp" if s_test.shape[0] <= JVP_MAX_QUERIES else "grad"
     if method == "jvp":
-        return jvp_scores(loss, theta, spec, batch, s_test)
+        try:
+            return jvp_scores(loss, theta, spec, batch, s_test)
+        except NotImplementedError as err:  # an operator without a forward-mode rule (e.g. fused attention)
+            warnings.warn(
+                f"Forward-mode AD is not supported by this model ({str(err)[:200]}); scoring with per-example "
+                "gradients instead (slower). For attention, the math path supports it (Hugging Face: "
+                '`attn_implementation="eager"`).',
+                stacklevel=2,
+            )
+            return grad_scores(loss, theta, spec, batch, s_test)
     if method == "grad":
         return grad_scores(loss, theta, spec, batch, s_test)
     raise ConfigurationError(f"Expected `score_method` to be 'auto', 'jvp' or 'grad', but got {method!r}.")
