@@ -187,11 +187,19 @@ class FeatureIndexCallback(pl.Callback):
         )
 
 
+def splits_queries(trainer: pl.Trainer) -> bool:
+    """Whether each rank explains different queries (several processes, queries split by the sampler)."""
+    strategy = trainer.strategy
+    return strategy.world_size > 1 and not getattr(strategy, "shards_candidates", False)
+
+
 class InfluenceWriter(BasePredictionWriter):
-    """Append one JSON object per explained query to ``output_dir/influence.jsonl`` (rank 0 only).
+    """Append one JSON object per explained query to ``output_dir/influence.jsonl``.
 
     Each batch's lines are flushed and fsynced before the next batch starts, so an interrupted run keeps every
-    query explained so far.
+    query explained so far. When every rank holds the same results (``InfluenceStrategy(shard="candidates")``)
+    rank 0 writes; when ranks explain different queries (``shard="queries"``) each rank appends to its own
+    ``influence.rank<r>.jsonl`` and rank 0 merges them into ``influence.jsonl``, ordered by query id, at the end.
 
     Args:
         output_dir: folder of ``influence.jsonl`` (created).
@@ -209,17 +217,25 @@ class InfluenceWriter(BasePredictionWriter):
         self.path = self.output_dir / filename
         self.overwrite = overwrite
         self._writer: Any = None
+        self._own: Path | None = None
         self.written = 0
+
+    def _rank_path(self, rank: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}.rank{rank}{self.path.suffix}")
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_fastif.reporting.jsonl import JsonlWriter
 
-        if trainer.is_global_zero:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if self.overwrite and self.path.exists():
-                self.path.unlink()
-            self._writer = JsonlWriter(self.path)
         self.written = 0
+        split = splits_queries(trainer)
+        if not (split or trainer.is_global_zero):
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._own = self._rank_path(trainer.global_rank) if split else self.path
+        for path in {self._own, self.path} if trainer.is_global_zero else {self._own}:
+            if self.overwrite and path.exists():
+                path.unlink()
+        self._writer = JsonlWriter(self._own)
 
     def write_on_batch_end(
         self,
@@ -231,7 +247,7 @@ class InfluenceWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        if self._writer is None or not trainer.is_global_zero or not prediction:
+        if self._writer is None or not prediction:
             return
         self.written += self._writer.write_many(prediction)
 
@@ -239,4 +255,24 @@ class InfluenceWriter(BasePredictionWriter):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-            rank_zero_info(f"lightning_fastif: wrote {self.written} results to {self.path}")
+        if splits_queries(trainer):
+            trainer.strategy.barrier("lightning_fastif.influence_writer")
+            if trainer.is_global_zero:
+                self._merge_rank_files(trainer.world_size)
+        rank_zero_info(f"lightning_fastif: wrote results to {self.path}")
+
+    def _merge_rank_files(self, world: int) -> None:
+        from lightning_fastif.reporting.jsonl import JsonlWriter, read_jsonl
+
+        results = [
+            r
+            for rank in range(world)
+            if self._rank_path(rank).exists()
+            for r in read_jsonl(self._rank_path(rank))
+        ]
+        results.sort(key=lambda r: r.query_id)
+        writer = JsonlWriter(self.path)
+        self.written = writer.write_many(results)
+        writer.close()
+        for rank in range(world):
+            self._rank_path(rank).unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.dataloader import default_collate
@@ -445,16 +445,6 @@ class InfluenceModule(pl.LightningModule):
             )
         self._query_offsets = {}
         self.timings = {}
-        strategy = self.trainer.strategy
-        if getattr(strategy, "shard", None) == "queries" and strategy.world_size > 1:
-            from lightning_fastif.callbacks import InfluenceWriter
-
-            if any(isinstance(cb, InfluenceWriter) for cb in self.trainer.callbacks):
-                rank_zero_warn(
-                    "lightning_fastif: under InfluenceStrategy(shard='queries') each rank explains different "
-                    "queries, but InfluenceWriter writes rank 0's results only; the other ranks' results are in "
-                    "their own `trainer.predict` return values."
-                )
         if self.num_candidates is not None:
             self.candidate_index()
 

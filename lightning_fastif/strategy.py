@@ -333,6 +333,15 @@ class InfluenceStrategy(DDPStrategy):
             return None
         return out[0], (out[1] if logits is not None else None)  # type: ignore[return-value]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order, on every rank (small payloads: result records)."""
+        if not self._active():
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        with self._collective("gather of result records"):
+            dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self, name: str | None = None) -> None:
         """Wait for every rank (bounded by ``timeout``; a failed rank raises a ``DistributedError`` here)."""
         with self._collective(f"barrier {name!r}" if name else "barrier"):

@@ -202,8 +202,17 @@ def test_query_sharding_explains_every_query_exactly_once(problem, tmp_path):
     # 7 queries in batches of 3: rank 0 gets 4 (2 batches), rank 1 gets 3 (1 batch), so no collective may run
     queries = Subset(problem["queries"], list(range(2, 9)))
     one = _predict(_module(problem, "lissa", 9), queries, tmp_path / "one")[0]
-    ddp = _predict(_module(problem, "lissa", 9), queries, tmp_path / "ddp", _fork("queries"))
+    writer, report = lf.InfluenceWriter(tmp_path / "out"), lf.InfluenceReport(tmp_path / "out", wandb=False)
+    ddp = _predict(
+        _module(problem, "lissa", 9), queries, tmp_path / "ddp", _fork("queries"), callbacks=[writer, report]
+    )
     info = _Collect(tmp_path / "ddp").info()
+    # the writer merges every rank's records into one file, ordered by query id; the report shows them all
+    lines = [json.loads(line) for line in (tmp_path / "out" / "influence.jsonl").read_text().splitlines()]
+    assert [r["query_id"] for r in lines] == list(range(2, 9))
+    assert not list((tmp_path / "out").glob("influence.rank*.jsonl"))
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert all(f"Query {q}" in html for q in range(2, 9))
     assert [(info[r]["world"], info[r]["chains"]) for r in (0, 1)] == [
         (1, [0, 1, 2, 3])
     ] * 2  # one-process math

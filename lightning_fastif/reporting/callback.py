@@ -78,7 +78,7 @@ class InfluenceReport(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.is_global_zero and outputs:
+        if outputs:
             self.results.extend(r for r in outputs if isinstance(r, InfluenceResult))
 
     def _settings(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -104,6 +104,14 @@ class InfluenceReport(pl.Callback):
         return out
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_fastif.callbacks import splits_queries
+
+        if splits_queries(trainer) and hasattr(trainer.strategy, "gather_objects"):
+            # ranks explained different queries: gather every rank's records (a collective: all ranks take part)
+            every = trainer.strategy.gather_objects([r.to_dict() for r in self.results])
+            self.results = sorted(
+                (InfluenceResult.from_dict(d) for part in every for d in part), key=lambda r: r.query_id
+            )
         if not trainer.is_global_zero:
             return
         train = getattr(pl_module, "train_dataset", None)
