@@ -94,8 +94,8 @@ class InfluenceModule(pl.LightningModule):
         feature_layer: module whose input is the indexed feature (default: the last ``nn.Linear``).
         batch_size: batch size of scoring and of full passes over the training set.
         collate_fn: collate function for training examples (default: torch's ``default_collate``).
-        score_method: ``"auto"`` (the head fast path when it applies, else jvp for up to 32 queries and per-example
-            gradients beyond), ``"jvp"`` (forward mode), ``"grad"`` (per-example gradients) or ``"head"``.
+        score_method: ``"auto"`` (the head fast path when it applies, else forward-mode jvp in blocks of 64
+            queries), ``"jvp"``, ``"grad"`` (per-example gradients times s_test) or ``"head"``.
         progress: show progress bars (tqdm, rank 0) over solver iterations and full passes that last over 2 s.
 
     Example:

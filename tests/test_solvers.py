@@ -152,3 +152,14 @@ def test_cg_non_finite_iterates_raise():
 def test_bad_solver_arguments_name_the_argument(factory, match):
     with pytest.raises(ConfigurationError, match=match):
         factory()
+
+
+def test_lissa_says_not_converged_when_depth_is_too_short_for_the_damping():
+    h = torch.linspace(0, 1, 50, dtype=torch.float64)
+    v = torch.ones(1, 50, dtype=torch.float64)
+    x, diag = lissa(lambda c, j: lambda u: u * h, v, 1e-2, 100.0, 1000, chains=[0])
+    exact = v / (h + 1e-2)
+    assert float((x - exact).norm() / exact.norm()) > 0.5  # far from the answer...
+    assert not diag.converged and diag.extra["damped_mode_remaining"] > 0.9  # ...and it says so
+    x, diag = lissa(lambda c, j: lambda u: u * h, v, 1e-2, 2.0, 3000, chains=[0])
+    assert diag.converged and float((x - exact).norm() / exact.norm()) < 1e-3

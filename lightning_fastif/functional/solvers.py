@@ -140,12 +140,15 @@ def lissa(
     and ``H_j = sample_hvp(c, j)`` the HVP of a fresh random batch; the chain's estimate is ``h_J / s``, which
     tends to ``(H + damping I)^{-1} v`` when ``s`` exceeds H's largest eigenvalue.
 
-    Diagnostics: ``residual_norm`` is the largest relative change of the last step, ``||h_J - h_{J-1}|| / ||h_J||``
-    (small once the recursion has settled; increase ``depth`` when it is not).
+    Diagnostics: ``residual_norm`` is the largest relative change of the last step, ``||h_J - h_{J-1}|| / ||h_J||``;
+    ``extra["damped_mode_remaining"]`` is ``(1 - d)^J``, the factor by which the slowest direction (a zero
+    eigenvalue of H) has not yet converged. ``converged`` needs both below 1e-2: otherwise increase ``depth`` (to
+    about ``5 scale / damping``) or ``damping``.
 
     Raises:
-        SolverDivergenceError: the iterates become non-finite or grow past ``100 (j + 1) ||v||``, which a
-            convergent recursion (every step a contraction of norm <= 1) cannot reach; the message names `scale`.
+        SolverDivergenceError: the iterates become non-finite or grow past ``2 (j + 1) ||v||``, which a
+            recursion of non-expansive steps cannot reach (each step adds at most ``|v|``); the message names
+            `scale`.
     """
     start = time.perf_counter()
     d = damping / scale
@@ -159,7 +162,7 @@ def lissa(
             h_prev = h
             h = rhs + (1.0 - d) * h - sample_hvp(c, j)(h) / scale
             hnorm = h.norm(dim=-1)
-            if not bool(torch.isfinite(hnorm).all()) or bool((hnorm > 100.0 * (j + 1) * vnorm).any()):
+            if not bool(torch.isfinite(hnorm).all()) or bool((hnorm > 2.0 * (j + 1) * vnorm).any()):
                 raise SolverDivergenceError(
                     f"LiSSA diverged at iteration {j} of chain {c} (|h| = {float(hnorm.max()):.3g} for |v| = "
                     f"{float(vnorm.max()):.3g}): `scale` = {scale:g} is smaller than the Hessian's largest "
@@ -175,9 +178,10 @@ def lissa(
         "lissa",
         iterations=depth * len(chains),
         residual_norm=last_step,
-        converged=last_step < LISSA_SETTLED,
+        # settled, and the slowest (damped) mode's remaining factor (1 - d)^J small: otherwise depth is too short
+        converged=last_step < LISSA_SETTLED and (1.0 - d) ** depth < LISSA_SETTLED,
         estimate_norm=float((total / max(1, len(chains))).norm(dim=-1).max()) if chains else 0.0,
-        extra={"chains": list(chains), "d": d},
+        extra={"chains": list(chains), "d": d, "damped_mode_remaining": (1.0 - d) ** depth},
     )
     diag.seconds = time.perf_counter() - start
     return total, diag
