@@ -145,35 +145,29 @@ class FeatureIndexCallback(pl.Callback):
             else:  # another DDP strategy: rank 0 reads the whole training set alone
                 features = None
             if rank == 0:
-                built = build_index(
-                    model,
-                    train_dataset,
-                    self.feature_layer,
-                    self.index_factory,
-                    self.backend,
-                    self.batch_size,
-                    collate_fn,
-                    show,
-                    features=features,
-                    **self.index_kwargs,
-                )
-                self._save(built)
+                self._build_and_save(model, train_dataset, collate_fn, show, features)
             strategy.barrier("lightning_fastif.index_written")
             self.built_meta = strategy.broadcast(self.built_meta, src=0)
             return self.dirpath
+        self._build_and_save(model, train_dataset, collate_fn, show)
+        return self.dirpath
+
+    def _build_and_save(
+        self, model: nn.Module, dataset: Dataset, collate_fn: Any, show: bool, features: Any = None
+    ) -> None:
         built = build_index(
             model,
-            train_dataset,
+            dataset,
             self.feature_layer,
             self.index_factory,
             self.backend,
             self.batch_size,
             collate_fn,
             show,
+            features=features,
             **self.index_kwargs,
         )
         self._save(built)
-        return self.dirpath
 
     def _save(self, built: Any) -> None:
         arrays = {"features": built.features}

@@ -7,6 +7,7 @@ Each solver class is a small settings object with a cache; the numbers come from
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 from collections.abc import Callable
@@ -188,7 +189,7 @@ def lissa(
 
 
 # ---------------------------------------------------------------------------------------------- solver classes
-class Solver:
+class Solver(abc.ABC):
     """Base class: solve ``(H + damping I) x = v`` on a :class:`TrainingCurvature`.
 
     ``solve(curvature, vectors [Q, P]) -> [Q, P]``; ``diagnostics`` holds the last solve's :class:`SolverDiagnostics`.
@@ -201,8 +202,9 @@ class Solver:
         self.damping = float(damping)
         self.diagnostics: SolverDiagnostics | None = None
 
-    def solve(self, curvature: TrainingCurvature, vectors: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def solve(self, curvature: TrainingCurvature, vectors: Tensor) -> Tensor:
+        """``(H + damping I)^{-1} v`` for each row of ``vectors [Q, P]`` -> ``[Q, P]``."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
