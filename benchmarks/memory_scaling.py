@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, print_table, save_json  # noqa: E402
+from _common import machine_info, print_table, save_json
 
 
 def _peak_mb() -> float:
@@ -28,25 +28,39 @@ def _peak_mb() -> float:
 
 def child(n: int, method: str) -> dict:
     import torch
+    from benchmarks_mlp import make  # type: ignore[import-not-found]
     from torch.utils.data import TensorDataset
 
     import lightning_fastif as lf
-    from benchmarks_mlp import make  # type: ignore[import-not-found]
 
     torch.set_num_threads(1)
     model, x, y = make(n)
     data_mb = (x.element_size() * x.numel() + y.element_size() * y.numel()) / 2**20
-    im = lf.InfluenceModule(model, TensorDataset(x, y), solver=lf.LiSSASolver(damping=0.01, scale=10.0, depth=5),
-                            num_candidates=None, batch_size=512, score_method=method)
+    im = lf.InfluenceModule(
+        model,
+        TensorDataset(x, y),
+        solver=lf.LiSSASolver(damping=0.01, scale=10.0, depth=5),
+        num_candidates=None,
+        batch_size=512,
+        score_method=method,
+    )
     s = im.s_test((x[:4], y[:4]))
     im.score(s, torch.arange(1000))
     base = _peak_mb()
     start = time.perf_counter()
     scores = im.score(s)
     seconds = time.perf_counter() - start
-    return {"N": n, "method": method, "data_mb": data_mb, "peak_before_mb": base, "peak_after_mb": _peak_mb(),
-            "growth_mb": _peak_mb() - base, "seconds": seconds, "scores_shape": list(scores.shape),
-            "P": int(s.shape[1])}
+    return {
+        "N": n,
+        "method": method,
+        "data_mb": data_mb,
+        "peak_before_mb": base,
+        "peak_after_mb": _peak_mb(),
+        "growth_mb": _peak_mb() - base,
+        "seconds": seconds,
+        "scores_shape": list(scores.shape),
+        "P": int(s.shape[1]),
+    }
 
 
 def main() -> None:
@@ -61,17 +75,36 @@ def main() -> None:
     rows = []
     for method in ("jvp", "grad"):
         for n in sizes:
-            out = subprocess.run([sys.executable, __file__, "--child", str(n), method], capture_output=True, text=True,
-                                 env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent),
-                                      "PATH": "/usr/bin:/bin"}, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(n), method],
+                capture_output=True,
+                text=True,
+                env={
+                    "OMP_NUM_THREADS": "1",
+                    "PYTHONPATH": str(Path(__file__).parent),
+                    "PATH": "/usr/bin:/bin",
+                },
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print_table(
         "Peak RSS growth during a full-scan scoring pass (fresh process per row; 4 queries, MLP 32-256-256-10)",
         ["N", "path", "data MB", "peak before MB", "growth MB", "seconds"],
-        [[r["N"], r["method"], f"{r['data_mb']:.1f}", f"{r['peak_before_mb']:.0f}", f"{r['growth_mb']:.1f}",
-          f"{r['seconds']:.2f}"] for r in rows],
+        [
+            [
+                r["N"],
+                r["method"],
+                f"{r['data_mb']:.1f}",
+                f"{r['peak_before_mb']:.0f}",
+                f"{r['growth_mb']:.1f}",
+                f"{r['seconds']:.2f}",
+            ]
+            for r in rows
+        ],
     )
-    print(f"saved {save_json('memory_scaling' + ('-quick' if args.quick else ''), {'machine': machine_info(), 'rows': rows})}")
+    print(
+        f"saved {save_json('memory_scaling' + ('-quick' if args.quick else ''), {'machine': machine_info(), 'rows': rows})}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ The wrapped model is used as is and never mutated: its weights are read, and sub
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
 import lightning_fastif.strategy  # noqa: F401  (registers strategy="ddp_influence")
+from lightning_fastif._runtime import StageProgress, check_positive_int, eval_mode
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import batch_size as _batch_size
 from lightning_fastif.functional.batch import call_model, fetch, labels_of, logits_of, move_to
@@ -33,49 +33,6 @@ from lightning_fastif.functional.solvers import LiSSASolver, Solver
 from lightning_fastif.results import InfluenceResult
 
 __all__ = ["InfluenceModule"]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run with ``model.eval()`` and outer autograd off (torch.func transforms still differentiate); restore modes."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.no_grad():  # torch.func transforms ignore an outer no_grad
-            yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-class _StageProgress:
-    """``callback(stage, done, total)`` drawing one tqdm bar per long stage (shown only after 2 s)."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        bar = self.bars.get(stage)
-        if bar is None or bar.total != total or done < bar.n:
-            if bar is not None:
-                bar.close()
-            bar = self.bars[stage] = tqdm(
-                total=total, desc=f"lightning_fastif {stage}", delay=2.0, leave=False
-            )
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-            self.bars.pop(stage, None)
-
-
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        what = "a positive int or None" if allow_none else "a positive int"
-        raise ConfigurationError(f"Expected `{name}` to be {what}, but got {value!r}.")
 
 
 class InfluenceModule(pl.LightningModule):
@@ -134,9 +91,9 @@ class InfluenceModule(pl.LightningModule):
             raise ConfigurationError(
                 f"Expected `solver` to be an ExactSolver, CGSolver or LiSSASolver, but got {type(solver).__name__}."
             )
-        _check_positive_int("num_candidates", num_candidates, allow_none=True)
-        _check_positive_int("top_k", top_k)
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("num_candidates", num_candidates, allow_none=True)
+        check_positive_int("top_k", top_k)
+        check_positive_int("batch_size", batch_size)
         if score_method not in ("auto", "jvp", "grad", "head"):
             raise ConfigurationError(
                 f"Expected `score_method` to be 'auto', 'jvp', 'grad' or 'head', but got {score_method!r}."
@@ -163,7 +120,7 @@ class InfluenceModule(pl.LightningModule):
         self.score_method = score_method
         self.timings: dict[str, float] = {}
         self.progress = bool(progress)
-        self._progress = _StageProgress()
+        self._progress = StageProgress()
         self._candidates: Any = None  # the resolved candidate index (lazy)
         self._cache: dict[str, Tensor] | None = (
             None  # features and logits of the training set, from the index

@@ -1,0 +1,57 @@
+"""Small runtime helpers of ``InfluenceModule``: eval mode with gradients, progress bars, argument checks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_fastif.errors import ConfigurationError
+
+__all__ = ["StageProgress", "check_positive_int", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run with ``model.eval()`` and outer autograd off (torch.func transforms still differentiate); restore modes."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.no_grad():  # torch.func transforms ignore an outer no_grad
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class StageProgress:
+    """``callback(stage, done, total)`` drawing one tqdm bar per long stage (shown only after 2 s)."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None or bar.total != total or done < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = self.bars[stage] = tqdm(
+                total=total, desc=f"lightning_fastif {stage}", delay=2.0, leave=False
+            )
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            self.bars.pop(stage, None)
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        what = "a positive int or None" if allow_none else "a positive int"
+        raise ConfigurationError(f"Expected `{name}` to be {what}, but got {value!r}.")
