@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -253,26 +252,11 @@ def agreement(a: list[dict], b: list[dict]) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "git_commit": commit.strip(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "load_average_1_5_15": list(os.getloadavg()),
-    }
+    """The machine facts every benchmark saves (shared helper in ``_common.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import machine_info
+
+    return machine_info()
 
 
 def main() -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.zoo._splits import TensorSplits
 
 __all__ = ["DigitsClassifier", "DigitsDataModule", "MLPClassifier"]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(TensorSplits):
     """Digits split into train / val / test by a fixed permutation; pixels scaled to [0, 1], float32 ``[64]``.
 
     Args:
@@ -57,26 +58,6 @@ class DigitsDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(x[train], y[train])
         self.val_set = TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(x[test], y[test])
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=256)
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=256)
-
-    def split(self, name: str) -> TensorDataset:
-        """The ``"train"``, ``"val"`` or ``"test"`` dataset (after ``setup``)."""
-        self.setup()
-        sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
-        if name not in sets:
-            raise ConfigurationError(f"Expected `split` to be 'train', 'val' or 'test', but got {name!r}.")
-        return sets[name]
 
 
 class MLPClassifier(pl.LightningModule):

@@ -7,17 +7,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.zoo._splits import TensorSplits
 
 __all__ = ["NpzImageDataModule"]
 
 
-class NpzImageDataModule(pl.LightningDataModule):
+class NpzImageDataModule(TensorSplits):
+    eval_batch_size = 1024
+
     """Images ``[N, H, W]`` uint8 and labels from an ``.npz`` file, normalised by ``mean`` / ``std``.
 
     Args:
@@ -69,15 +71,3 @@ class NpzImageDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(prep(x_tr[:n_train]), torch.from_numpy(y_tr[:n_train]).long())
         self.val_set = TensorDataset(prep(x_tr[train_end:]), torch.from_numpy(y_tr[train_end:]).long())
         self.test_set = TensorDataset(prep(x_te), torch.from_numpy(y_te).long())
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=1024)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=1024)
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=1024)
