@@ -84,14 +84,17 @@ def per_example_grads_and_losses(
     n = batch_size(batch)
     step = n if not chunk_size else max(1, int(chunk_size))
 
-    def one(theta_: Tensor, example: Any) -> tuple[Tensor, Tensor]:
-        return grad_and_value(flat_loss(loss, spec, _unsqueeze_tensors(example), "sum"))(theta_)
+    def one(params: dict[str, Tensor], example: Any) -> tuple[dict[str, Tensor], Tensor]:
+        return grad_and_value(lambda p: loss(p, _unsqueeze_tensors(example)).sum())(params)
 
     if _has_only_tensors(batch):
         try:
+            # differentiate the parameter dict, not the flat vector: the backward of the flat vector's split
+            # assembled every [chunk, P] row by concatenation (1.5x slower on a 235k-parameter MLP)
             batched = vmap(one, in_dims=(None, 0))
-            parts = [batched(theta, slice_batch(batch, slice(i, i + step))) for i in range(0, n, step)]
-            return torch.cat([g for g, _ in parts]), torch.cat([v for _, v in parts])
+            params = spec.unflatten(theta)
+            parts = [batched(params, slice_batch(batch, slice(i, i + step))) for i in range(0, n, step)]
+            return torch.cat([spec.flatten(g) for g, _ in parts]), torch.cat([v for _, v in parts])
         except (RuntimeError, NotImplementedError) as err:  # operators without batching rules: loop below
             warnings.warn(
                 f"vmap over examples failed for this model ({type(err).__name__}: {str(err)[:200]}); computing "
