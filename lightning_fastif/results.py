@@ -26,6 +26,7 @@ class InfluenceResult:
         query_loss: the query's loss under the model.
         helpful_distances / harmful_distances: kNN feature distances of the listed ids (empty for a full scan).
         extra: free-form JSON-serialisable details (timings, solver diagnostics...).
+        group: for a group query (the mean loss of several queries), the members' query ids; ``None`` otherwise.
     """
 
     query_id: int
@@ -40,6 +41,7 @@ class InfluenceResult:
     helpful_distances: list[float] = field(default_factory=list)
     harmful_distances: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    group: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only (ints, floats, strings, lists, dicts, None); non-finite floats become None."""
