@@ -43,6 +43,8 @@ class FaissIndex(CandidateIndex):
         dim: feature dimension (default: taken from the first ``add``).
         num_threads: FAISS OpenMP threads.
         seed: seed of the training sample.
+        metric: ``"l2"`` (squared L2, nearest first; the feature index) or ``"ip"`` (inner product, largest first:
+            ``METRIC_INNER_PRODUCT``, the gradient-sketch index's maximum-inner-product search).
 
     Example:
         >>> index = FaissIndex("Flat")
@@ -62,8 +64,12 @@ class FaissIndex(CandidateIndex):
         dim: int | None = None,
         num_threads: int | None = None,
         seed: int = 0,
+        metric: str = "l2",
     ) -> None:
         super().__init__(dim)
+        if metric not in ("l2", "ip"):
+            raise ConfigurationError(f"Expected `metric` to be 'l2' or 'ip', but got {metric!r}.")
+        self.metric = metric
         if not isinstance(factory, str) or not factory.strip():
             raise ConfigurationError(
                 f"Expected `factory` to be a FAISS index factory string, but got {factory!r}."
@@ -87,7 +93,8 @@ class FaissIndex(CandidateIndex):
     def _build(self, dim: int) -> Any:
         faiss = self._faiss
         try:
-            index = faiss.index_factory(int(dim), self._factory, faiss.METRIC_L2)
+            metric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
+            index = faiss.index_factory(int(dim), self._factory, metric)
         except RuntimeError as err:
             raise ConfigurationError(
                 f"Expected `factory` to be a FAISS index factory string, but got {self._factory!r} "
@@ -141,6 +148,7 @@ class FaissIndex(CandidateIndex):
             "ef_search": self.ef_search,
             "train_sample": self.train_sample,
             "seed": self.seed,
+            **({"metric": self.metric} if self.metric != "l2" else {}),
         }
 
     # --- add and search ---------------------------------------------------------------------------------------
@@ -230,12 +238,23 @@ class FaissIndex(CandidateIndex):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], ids: ArrayLike | None = None, factory: str = "Flat", **config: Any
+        cls,
+        path: str | os.PathLike[str],
+        ids: ArrayLike | None = None,
+        factory: str = "Flat",
+        mmap: bool = False,
+        **config: Any,
     ) -> FaissIndex:
-        """Read a file written by :meth:`save` (or ``faiss.write_index``); arguments as :meth:`from_bytes`."""
+        """Read a file written by :meth:`save` (or ``faiss.write_index``); arguments as :meth:`from_bytes`.
+
+        ``mmap=True`` memory-maps the stored vectors (``IO_FLAG_MMAP_IFC``: flat and scalar-quantised codes, IVF
+        lists) instead of reading them into memory; the file must then stay in place while the index is used.
+        """
         obj = cls(factory, **config)
+        faiss = obj._faiss
+        flags = (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP) if mmap else 0
         try:
-            index = obj._faiss.read_index(os.fspath(path))
+            index = faiss.read_index(os.fspath(path), flags)
         except RuntimeError as err:
             raise IndexCorruptError(f"Could not read a FAISS index from {os.fspath(path)!r}: {err}") from err
         return obj._adopt(index, ids)

@@ -203,6 +203,7 @@ class TorchIndex(CandidateIndex):
         dim: feature dimension (default: taken from the first ``add``).
         compute_dtype: dtype of the distance computation; ``torch.float64`` makes it an oracle for tests.
         max_block: the most distance entries (query rows x database rows) held at once, bounding memory.
+        metric: ``"l2"`` (squared L2, nearest first) or ``"ip"`` (inner product, largest first).
 
     Example:
         >>> index = TorchIndex()
@@ -214,9 +215,16 @@ class TorchIndex(CandidateIndex):
     backend = "torch"
 
     def __init__(
-        self, dim: int | None = None, compute_dtype: torch.dtype = torch.float32, max_block: int = 1 << 22
+        self,
+        dim: int | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        max_block: int = 1 << 22,
+        metric: str = "l2",
     ) -> None:
         super().__init__(dim)
+        if metric not in ("l2", "ip"):
+            raise ConfigurationError(f"Expected `metric` to be 'l2' or 'ip', but got {metric!r}.")
+        self.metric = metric
         if compute_dtype not in (torch.float32, torch.float64):
             raise ConfigurationError(
                 f"Expected `compute_dtype` to be float32 or float64, but got {compute_dtype}."
@@ -263,17 +271,21 @@ class TorchIndex(CandidateIndex):
             best_p = torch.empty(q.shape[0], 0, dtype=torch.int64)
             for ds in range(0, db.shape[0], d_block):
                 chunk = db[ds : ds + d_block]
-                dist = (q_sq - 2.0 * (q @ chunk.T) + db_sq[ds : ds + d_block]).clamp_min_(0.0)
+                if self.metric == "ip":  # the negated inner product, so that smallest is best either way
+                    dist = -(q @ chunk.T)
+                else:
+                    dist = (q_sq - 2.0 * (q @ chunk.T) + db_sq[ds : ds + d_block]).clamp_min_(0.0)
                 pos = torch.arange(ds, ds + chunk.shape[0]).expand(q.shape[0], -1)
                 cand_d, cand_p = torch.cat([best_d, dist], 1), torch.cat([best_p, pos], 1)
                 best_d, sel = torch.topk(cand_d, min(k, cand_d.shape[1]), dim=1, largest=False, sorted=True)
                 best_p = torch.gather(cand_p, 1, sel)
-            out_d.append(best_d)
+            out_d.append(-best_d if self.metric == "ip" else best_d)
             out_i.append(all_ids[best_p])
         return torch.cat(out_d), torch.cat(out_i)
 
     def config(self) -> dict[str, Any]:
-        return {"compute_dtype": str(self.compute_dtype).removeprefix("torch."), "max_block": self.max_block}
+        config = {"compute_dtype": str(self.compute_dtype).removeprefix("torch."), "max_block": self.max_block}
+        return {**config, "metric": self.metric} if self.metric != "l2" else config
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -320,7 +332,7 @@ def make_index(factory: str = "Flat", backend: str = "faiss", **kwargs: Any) -> 
         raise ConfigurationError(
             f"Expected `factory` to be a FAISS index factory string, but got {factory!r}."
         )
-    torch_kwargs = {k: v for k, v in kwargs.items() if k in ("dim", "compute_dtype", "max_block")}
+    torch_kwargs = {k: v for k, v in kwargs.items() if k in ("dim", "compute_dtype", "max_block", "metric")}
     if backend == "torch":
         if factory != "Flat":
             raise ConfigurationError(

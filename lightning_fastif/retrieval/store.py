@@ -49,7 +49,16 @@ __all__ = ["IndexMeta", "load_arrays", "load_index", "save_index"]
 IDS_FILE = "ids.npy"
 INDEX_FILES = {"faiss": "index.faiss", "torch": "index.pt"}
 FORMAT_VERSION = 1
-COMPARABLE = ("feature_layer", "dim", "dataset_length", "ntotal", "factory", "backend", "model_fingerprint")
+COMPARABLE = (
+    "feature_layer",
+    "dim",
+    "dataset_length",
+    "ntotal",
+    "factory",
+    "backend",
+    "model_fingerprint",
+    "space",
+)
 _REBUILD = (
     "Rebuild it (FeatureIndexCallback, `lightning-fastif index`, or retrieval.save_index) or point `index` at "
     "another folder."
@@ -78,6 +87,10 @@ class IndexMeta:
     arrays: list[str] = dataclasses.field(default_factory=list)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # "features" (penultimate-layer kNN, L2) or "gradients" (gradient sketches, inner product; see
+    # retrieval.gradient_index); ``sketch`` holds a gradient index's projection settings, seed and parameter names
+    space: str = "features"
+    sketch: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -363,6 +376,14 @@ def load_index(
             # A writer may have swapped the folder while it was read: read again when meta.json changed.
             if attempt == 2 or _raw_meta(folder) == before:
                 raise
+    space = expected.pop("space", None)
+    if space is not None and meta.space != space:  # never ignorable: the two spaces search different vectors
+        raise IndexMismatchError(
+            f"The index at {str(dirpath)!r} holds {meta.space}-space candidates, but candidates={space!r} was asked "
+            f"for. Pass candidates={meta.space!r}, or point `index` at a {space}-space folder (build one with "
+            f"`lightning-fastif index --space {space}`, or "
+            f"{'GradientIndexCallback' if space == 'gradients' else 'FeatureIndexCallback'})."
+        )
     diffs = []
     for key, want in expected.items():
         have = getattr(meta, key)
