@@ -22,7 +22,7 @@ import lightning_fastif.strategy  # noqa: F401  (registers strategy="ddp_influen
 from lightning_fastif._runtime import StageProgress, check_positive_int, eval_mode
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import batch_size as _batch_size
-from lightning_fastif.functional.batch import call_model, fetch, labels_of, logits_of, move_to
+from lightning_fastif.functional.batch import call_model, fetch, labels_of, logits_of, move_to, slice_batch
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads_and_losses
 from lightning_fastif.functional.head import head_scores
@@ -54,12 +54,21 @@ class InfluenceModule(pl.LightningModule):
         score_method: ``"auto"`` (the head fast path when it applies, else forward-mode jvp in blocks of 64
             queries), ``"jvp"``, ``"grad"`` (per-example gradients times s_test) or ``"head"``.
         progress: show progress bars (tqdm, rank 0) over solver iterations and full passes that last over 2 s.
+        candidates: ``"features"`` (FastIF: the k nearest training examples in feature space) or ``"gradients"``
+            (the k/2 largest and k/2 most negative inner products of gradient sketches with the projected s_test;
+            ``index`` is then a gradient index or its folder, see ``retrieval.gradient_index``). Either way the
+            candidates are scored exactly.
+        sketch: settings of a gradient index built in memory (``method``, ``dim``, ``seed``, ``kind``, ``float16``,
+            ``factory``, ``backend``, ``nprobe``, ``ef_search``).
 
     Example:
         >>> import lightning_fastif as lf
         >>> im = lf.InfluenceModule(model, train_ds, solver=lf.ExactSolver(damping=1e-3), num_candidates=None)
         >>> scores = im.influence(test_batch)            # [B, N]
     """
+
+    skip_query_ids: frozenset[int] = frozenset()
+    """Query ids ``predict_step`` leaves out (set by ``InfluenceWriter`` when it resumes a run)."""
 
     def __init__(
         self,
@@ -77,6 +86,8 @@ class InfluenceModule(pl.LightningModule):
         collate_fn: Callable[[list[Any]], Any] | None = None,
         score_method: str = "auto",
         progress: bool = True,
+        candidates: str = "features",
+        sketch: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -94,6 +105,12 @@ class InfluenceModule(pl.LightningModule):
         check_positive_int("num_candidates", num_candidates, allow_none=True)
         check_positive_int("top_k", top_k)
         check_positive_int("batch_size", batch_size)
+        if candidates not in ("features", "gradients"):
+            raise ConfigurationError(f"Expected `candidates` to be 'features' or 'gradients', but got {candidates!r}.")
+        from lightning_fastif.retrieval.gradient_index import check_sketch_settings
+
+        self.candidates = candidates
+        self.sketch = check_sketch_settings(sketch)
         if score_method not in ("auto", "jvp", "grad", "head"):
             raise ConfigurationError(
                 f"Expected `score_method` to be 'auto', 'jvp', 'grad' or 'head', but got {score_method!r}."
@@ -298,6 +315,14 @@ class InfluenceModule(pl.LightningModule):
         """The kNN index (loaded from ``index``, or built in memory from the training set when none was given)."""
         if self._candidates is not None:
             return self._candidates
+        if self.candidates == "gradients":  # gradient sketches (retrieval.gradient_index); a head gives its cache
+            from lightning_fastif.retrieval.gradient_index import module_gradient_index
+
+            self._candidates = gi = module_gradient_index(self)
+            if gi.features is not None and gi.logits is not None:
+                self._cache = {"features": gi.features, "logits": gi.logits}
+                self._feature_layer_name = gi.meta.get("feature_layer")
+            return gi
         from lightning_fastif.functional.params import fingerprint
         from lightning_fastif.retrieval.index import CandidateIndex
 
@@ -305,7 +330,7 @@ class InfluenceModule(pl.LightningModule):
         if isinstance(self.index, (str, os.PathLike)):
             from lightning_fastif.retrieval.store import load_index
 
-            expected = {"dataset_length": n, "model_fingerprint": fingerprint(self.model)}
+            expected = {"dataset_length": n, "model_fingerprint": fingerprint(self.model), "space": "features"}
             if self.feature_layer is not None:
                 expected["feature_layer"] = self.feature_layer
             index, meta = load_index(self.index, expected=expected)
@@ -353,10 +378,20 @@ class InfluenceModule(pl.LightningModule):
         self.candidate_index()
         return extract_features(self.model, [batch], self._feature_layer_name)
 
-    def search(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """``(distances [B, k], training ids [B, k])`` of the ``num_candidates`` nearest training examples."""
+    def search(self, batch: Any, s_test: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(distances [B, k], training ids [B, k])`` of the ``num_candidates`` nearest training examples.
+
+        With ``candidates="gradients"``: ``(approximate g . s_test [B, k], ids [B, k])`` of the k/2 largest and
+        k/2 most negative sketch inner products (``s_test`` computed from ``batch`` when not given).
+        """
         start = time.perf_counter()
         index = self.candidate_index()
+        if self.candidates == "gradients":
+            s_test = self.s_test(batch) if s_test is None else s_test
+            start = time.perf_counter()
+            out = index.candidates(s_test, self.num_candidates)
+            self._timed("search", start)
+            return out
         out = index.search(self.query_features(batch), self.num_candidates)
         self._timed("search", start)
         return out
@@ -444,6 +479,13 @@ class InfluenceModule(pl.LightningModule):
         query_ids = (
             self._query_ids(batch_idx, dataloader_idx, n) if self._trainer is not None else list(range(n))
         )
+        if self.skip_query_ids:  # already explained (InfluenceWriter resuming a killed run): not computed again
+            keep = [i for i, q in enumerate(query_ids) if q not in self.skip_query_ids]
+            if not keep:
+                return []
+            if len(keep) < n:
+                batch = slice_batch(batch, torch.tensor(keep))
+                query_ids = [query_ids[i] for i in keep]
         return self.explain(batch, query_ids)
 
     def explain(self, batch: Any, query_ids: Sequence[int] | None = None) -> list[InfluenceResult]:
@@ -461,7 +503,8 @@ class InfluenceModule(pl.LightningModule):
         distances: Tensor | None = None
         candidates: Tensor | None = None
         if self.num_candidates is not None:
-            distances, candidates = self.search(batch)
+            distances, candidates = self.search(batch, s)
+            distances = None if self.candidates == "gradients" else distances  # feature distances only
         ranked = self.rank_candidates(s, candidates)
         results = []
         for q in range(n):
@@ -484,7 +527,7 @@ class InfluenceModule(pl.LightningModule):
                     query_loss=float(losses[q]),
                     helpful_distances=[dist[i] for i in h_ids.tolist()] if dist else [],
                     harmful_distances=[dist[i] for i in x_ids.tolist()] if dist else [],
-                    extra={"solver": self.solver.name},
+                    extra={"solver": self.solver.name, "candidates": self.candidates},
                 )
             )
         return results

@@ -66,8 +66,29 @@ class InfluenceReport(pl.Callback):
         self.html_path: Path | None = None
         self.wandb_skipped: str | None = None
 
+    @property
+    def report_path(self) -> Path:
+        return self.output_dir / "report.html"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check every output path before any work: the report's folder and the W&B logger's folder."""
+        from lightning_fastif.reporting._paths import check_output_dir, check_output_file
+
+        if stage != "predict" or not trainer.is_global_zero:
+            return
+        if self.html:
+            check_output_dir(self.output_dir, "output_dir", create=True)
+            check_output_file(self.report_path, "output_dir", create=True)
+        if self.wandb:
+            for logger in trainer.loggers:
+                save_dir = getattr(logger, "save_dir", None) if _is_wandb(logger) else None
+                if save_dir:
+                    check_output_dir(save_dir, "WandbLogger(save_dir)", create=True)
+
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.results = []
+        if self.html and trainer.is_global_zero:  # never a stale report beside the results of a new run
+            self.report_path.unlink(missing_ok=True)
 
     def on_predict_batch_end(
         self,
@@ -114,6 +135,7 @@ class InfluenceReport(pl.Callback):
             )
         if not trainer.is_global_zero:
             return
+        self.results = _with_resumed(trainer, self.results)
         train = getattr(pl_module, "train_dataset", None)
         queries = _base_dataset(trainer)
         settings = self._settings(trainer)
@@ -140,6 +162,45 @@ class InfluenceReport(pl.Callback):
                 trainer.loggers, self.results, train, queries, summary=summary, **settings
             )
             if self.wandb_skipped is None:
-                rank_zero_info("lightning_fastif: logged the influence table to W&B")
+                where = _wandb_run_dir(trainer.loggers)
+                rank_zero_info(
+                    "lightning_fastif: logged the influence table to W&B"
+                    + (
+                        f": run folder {where} (offline: upload it with `wandb sync {where}`)"
+                        if where
+                        else ""
+                    )
+                )
             else:
                 rank_zero_warn(f"lightning_fastif: W&B table skipped: {self.wandb_skipped}")
+
+
+def _is_wandb(logger: Any) -> bool:
+    return callable(getattr(logger, "log_table", None)) and hasattr(type(logger), "experiment")
+
+
+def _wandb_run_dir(loggers: Sequence[Any]) -> str | None:
+    """The run folder of the first W&B logger (``.../wandb/offline-run-...``), or None."""
+    for logger in loggers:
+        if _is_wandb(logger):
+            try:
+                run_dir = Path(logger.experiment.dir)  # <run folder>/files
+            except Exception:
+                return None
+            return str(run_dir.parent if run_dir.name == "files" else run_dir)
+    return None
+
+
+def _with_resumed(trainer: pl.Trainer, results: list[InfluenceResult]) -> list[InfluenceResult]:
+    """This run's results plus those an ``InfluenceWriter`` kept from the run it resumed: the report shows what
+    ``influence.jsonl`` holds, one record per query id (the first one seen)."""
+    from lightning_fastif.callbacks import InfluenceWriter
+
+    merged: dict[int, InfluenceResult] = {}
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, InfluenceWriter):
+            for qid, r in cb.previous.items():
+                merged.setdefault(int(qid), r)
+    for r in results:
+        merged.setdefault(int(r.query_id), r)
+    return list(merged.values())
