@@ -44,6 +44,10 @@ class UnsupportedModelError(FastIFError, RuntimeError):
     """The model uses an operator that the needed differentiation mode does not support."""
 
 
+class ModelCallError(FastIFError, TypeError):
+    """The model cannot be called on a batch by the default convention: pass ``forward_fn(model, batch)``."""
+
+
 class DistributedError(FastIFError, RuntimeError):
     """A rank failed or the ranks disagree."""
 
@@ -51,3 +55,11 @@ class DistributedError(FastIFError, RuntimeError):
 def expected(name: str, what: str, got: object) -> str:
     """The house style of an error message: ``Expected `name` to be what, but got got.``"""
     return f"Expected `{name}` to be {what}, but got {got!r}."
+
+
+class SolverConvergenceError(FastIFError, RuntimeError):
+    """A solver did not reach its convergence tolerance and ``strict=True`` was asked (issue 10)."""
+
+
+class SolverConvergenceWarning(UserWarning):
+    """A solver did not reach its convergence tolerance: its s_test (and influence) are approximate."""

@@ -18,7 +18,7 @@ from lightning_fastif.errors import UnsupportedModelError
 from lightning_fastif.functional.grads import Loss, flat_loss
 from lightning_fastif.functional.params import ParamSpec
 
-__all__ = ["batch_hessian", "batch_hvp"]
+__all__ = ["add_batch_hessian", "batch_hessian", "batch_hvp", "saved_graph_bytes"]
 
 
 def _hvp_double_backward(f: Any, theta: Tensor, vectors: Tensor) -> Tensor:
@@ -95,3 +95,67 @@ def batch_hvp(
 def batch_hessian(loss: Loss, theta: Tensor, spec: ParamSpec, batch: Any, reduction: str = "mean") -> Tensor:
     """Dense Hessian ``[P, P]`` of the batch's mean (or summed) loss at ``theta``."""
     return hessian(flat_loss(loss, spec, batch, reduction))(theta)
+
+
+def add_batch_hessian(
+    loss: Loss,
+    theta: Tensor,
+    spec: ParamSpec,
+    batch: Any,
+    out: Tensor,
+    chunk_size: int,
+    reduction: str = "sum",
+) -> Tensor:
+    """Add the batch's dense Hessian to ``out [P, P]`` in place, ``chunk_size`` tangent columns at a time.
+
+    The gradient graph is built once and differentiated again for each chunk of identity rows (one batched
+    backward per chunk), so the working memory is the graph plus ``chunk_size`` vectors' backward, never ``P`` of
+    them at once. Falls back to forward-over-reverse products where double backward fails.
+    """
+    from lightning_fastif.functional.ggn import basis_rows
+
+    p = theta.numel()
+    k = max(1, min(int(chunk_size), p))
+    f = flat_loss(loss, spec, batch, reduction)
+    try:
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+            for at in range(0, p, k):
+                rows = basis_rows(at, min(k, p - at), p, theta)
+                if rows.shape[0] == 1:
+                    (hv,) = torch.autograd.grad(g, t, rows[0], retain_graph=True, allow_unused=True)
+                    hv = None if hv is None else hv[None]
+                else:
+                    (hv,) = torch.autograd.grad(
+                        g, t, rows, is_grads_batched=True, retain_graph=True, allow_unused=True
+                    )
+                if hv is not None:
+                    out[at : at + rows.shape[0]] += hv.detach()
+                del hv, rows
+    except RuntimeError:  # no double backward / no batching rule: the generic product, chunk by chunk
+        for at in range(0, p, k):
+            rows = basis_rows(at, min(k, p - at), p, theta)
+            out[at : at + rows.shape[0]] += batch_hvp(loss, theta, spec, batch, rows, reduction=reduction)
+    return out
+
+
+def saved_graph_bytes(fn: Any) -> tuple[Any, int]:
+    """Run ``fn()`` and count the bytes of the tensors autograd saves for backward meanwhile (each storage once).
+
+    Returns:
+        ``(fn's result, bytes)``: a measured size of the graph that a backward through ``fn`` keeps alive.
+    """
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            st = t.untyped_storage()
+            seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (functorch wrappers)
+            seen[(id(t), 0)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(seen.values())
