@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "InfluenceModule": "lightning_fastif.module",
     "InfluenceResult": "lightning_fastif.results",
     "FeatureIndexCallback": "lightning_fastif.callbacks",
+    "GradientIndexCallback": "lightning_fastif.gradient_callback",
     "InfluenceWriter": "lightning_fastif.callbacks",
     "InfluenceReport": "lightning_fastif.reporting.callback",
     "InfluenceStrategy": "lightning_fastif.strategy",
@@ -28,6 +29,7 @@ __all__ = [
     "CGSolver",
     "ExactSolver",
     "FeatureIndexCallback",
+    "GradientIndexCallback",
     "InfluenceModule",
     "InfluenceReport",
     "InfluenceResult",
@@ -55,6 +57,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_fastif.callbacks import FeatureIndexCallback, InfluenceWriter
     from lightning_fastif.diagnostics import approximation_diagnostics
+    from lightning_fastif.gradient_callback import GradientIndexCallback
     from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver
     from lightning_fastif.module import InfluenceModule
     from lightning_fastif.reporting.callback import InfluenceReport

@@ -1,0 +1,385 @@
+"""Gradient-space candidates (issue 11): sketches against per-example gradients, the search, the folder, DDP.
+
+Ground truth: per-example gradients by a float64 loop of ``torch.autograd.grad``; explicit projection matrices;
+the full-scan influence of every training example (the candidates' scores must equal it exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import lightning_fastif as lf
+from lightning_fastif.errors import ConfigurationError, IndexMismatchError
+from lightning_fastif.functional.losses import resolve_loss
+from lightning_fastif.functional.params import ParamSpec, select_params
+from lightning_fastif.retrieval.gradient_index import (
+    GradientSketcher,
+    build_gradient_index,
+    load_gradient_index,
+    mips_union,
+    save_gradient_index,
+)
+from lightning_fastif.retrieval.sketch import DenseProjection, KroneckerProjection, head_query, head_sketch
+
+
+class Net(nn.Module):
+    def __init__(self, d_in: int = 12, hidden: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _data(n: int = 240, d: int = 12, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes * 2, d, generator=g) * 1.5
+    comp = torch.randint(0, classes * 2, (n,), generator=g)
+    return centers[comp] + torch.randn(n, d, generator=g), comp % classes
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    x, y = _data(300)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:240]), y[:240]).backward()
+        opt.step()
+    model.eval()
+    return model, TensorDataset(x[:240], y[:240]), (x[240:], y[240:])
+
+
+def _loop_grads(
+    model: nn.Module, ds: TensorDataset, patterns, dtype=torch.float64
+) -> tuple[torch.Tensor, ParamSpec]:
+    """Per-example gradients [N, P] by one backward per example (the reference)."""
+    m = model.to(dtype)
+    params = select_params(m, patterns)
+    spec = ParamSpec.of(params)
+    named = dict(m.named_parameters())
+    rows = []
+    for i in range(len(ds)):
+        x, y = ds[i]
+        loss = nn.functional.cross_entropy(m(x[None].to(dtype)), y[None])
+        gs = torch.autograd.grad(loss, [named[n] for n in spec.names])
+        rows.append(torch.cat([g.flatten() for g in gs]))
+    model.float()
+    return torch.stack(rows), spec
+
+
+# ------------------------------------------------------------------------------------------------ sketch math
+def test_head_sketch_equals_the_per_example_gradient_of_the_head(trained):
+    model, ds, _ = trained
+    ref, spec = _loop_grads(model, ds, ["head.*"])
+    m64 = model.double()
+    feats = m64.body(ds.tensors[0].double())
+    got = head_sketch(feats, m64.head(feats), ds.tensors[1])
+    model.float()
+    assert spec.names == ("head.weight", "head.bias")
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    # the query side: sketch . query = g . s for any s
+    s = torch.randn(3, spec.numel, dtype=torch.float64)
+    parts = spec.unflatten(s)
+    torch.testing.assert_close(got @ head_query(parts["head.weight"], parts["head.bias"]).T, ref @ s.T)
+    # the sketcher (float32 model, from the features and logits of a forward pass) agrees
+    sk = GradientSketcher(model, resolve_loss(model), ["head.*"], batch=ds[:2])
+    assert sk.method == "head" and sk.dim == 4 * 17
+    x, feats32, logits32 = sk.sketch_rows(ds, batch_size=64)
+    torch.testing.assert_close(x.double(), ref, rtol=1e-4, atol=1e-5)
+    assert feats32.shape == (240, 16) and logits32.shape == (240, 4)
+
+
+def test_dense_projection_is_an_explicit_seeded_matrix_and_unbiased():
+    x = torch.randn(5, 300, dtype=torch.float64)
+    proj = DenseProjection(300, 64, seed=3, block=128)  # three column blocks
+    r = proj.matrix().double()
+    assert r.shape == (64, 300)
+    torch.testing.assert_close(proj(x), x @ r.T)
+    uncached = DenseProjection(
+        300, 64, seed=3, block=128, cache_bytes=0
+    )  # regenerated blocks: the same matrix
+    torch.testing.assert_close(uncached(x), proj(x))
+    assert not torch.equal(DenseProjection(300, 64, seed=4, block=128).matrix(), proj.matrix())
+    # E[(Rx).(Ry)] = x.y: mean over 400 seeds within 4 standard errors
+    a, b = torch.randn(300, dtype=torch.float64), torch.randn(300, dtype=torch.float64)
+    for kind in ("gaussian", "rademacher"):
+        est = torch.stack(
+            [
+                (lambda p: p(a[None]) @ p(b[None]).T)(DenseProjection(300, 16, s, kind))[0, 0]
+                for s in range(400)
+            ]
+        )
+        assert abs(float(est.mean()) - float(a @ b)) < 4 * float(est.std()) / 20
+
+
+def test_dense_sketcher_projects_the_per_example_gradients(trained):
+    model, ds, _ = trained
+    ref, spec = _loop_grads(model, ds, None)
+    m64 = Net().double()
+    m64.load_state_dict(model.state_dict())
+    sk = GradientSketcher(m64, resolve_loss(m64), None, "dense", dim=32, seed=5)
+    x, _, _ = sk.sketch_rows(ds, batch_size=100)
+    r = DenseProjection(spec.numel, 32, seed=5).matrix().double()
+    torch.testing.assert_close(x.double(), ref @ r.T, rtol=1e-5, atol=1e-6)
+    s = torch.randn(2, spec.numel, dtype=torch.float64)
+    torch.testing.assert_close(sk.query(s).double(), s @ r.T, rtol=1e-5, atol=1e-6)
+
+
+def test_kronecker_sketch_is_the_projected_layer_gradient_without_per_example_gradients(trained):
+    model, ds, _ = trained
+    ref, spec = _loop_grads(model, ds, None)
+    m64 = Net().double()
+    m64.load_state_dict(model.state_dict())
+    sk = GradientSketcher(m64, resolve_loss(m64), None, "kronecker", dim=300, seed=1)
+    assert [n for n, _ in sk.layers] == ["body.0", "body.2", "head"]
+    x, _, _ = sk.sketch_rows(ds, batch_size=64)
+    parts = spec.unflatten(ref)
+    want = []
+    for name, proj in sk.layers:  # vec(R_g [G_W | g_b] R_a^T) per layer
+        full = torch.cat([parts[f"{name}.weight"], parts[f"{name}.bias"].unsqueeze(-1)], -1)
+        ra = torch.eye(proj.in_dim, dtype=torch.float64) if proj.r_in is None else proj.r_in.double()
+        rg = torch.eye(proj.out_dim, dtype=torch.float64) if proj.r_out is None else proj.r_out.double()
+        want.append((rg @ full @ ra.T).flatten(1))
+    torch.testing.assert_close(x.double(), torch.cat(want, 1), rtol=1e-5, atol=1e-6)
+    # the query side matches: sketch . query = vec(R_g G R_a^T) . vec(R_g S R_a^T)
+    s = torch.randn(2, spec.numel, dtype=torch.float64)
+    sp = spec.unflatten(s)
+    q_want = []
+    for name, proj in sk.layers:
+        full = torch.cat([sp[f"{name}.weight"], sp[f"{name}.bias"].unsqueeze(-1)], -1)
+        ra = torch.eye(proj.in_dim, dtype=torch.float64) if proj.r_in is None else proj.r_in.double()
+        rg = torch.eye(proj.out_dim, dtype=torch.float64) if proj.r_out is None else proj.r_out.double()
+        q_want.append((rg @ full @ ra.T).flatten(1))
+    torch.testing.assert_close(sk.query(s).double(), torch.cat(q_want, 1), rtol=1e-5, atol=1e-6)
+    # factors as large as the layer are identities: the sketch inner product is the exact gradient inner product
+    exact = GradientSketcher(m64, resolve_loss(m64), None, "kronecker", dim=10**6)
+    xe, _, _ = exact.sketch_rows(ds, batch_size=64)
+    torch.testing.assert_close(xe.double() @ exact.query(s).double().T, ref @ s.T, rtol=1e-4, atol=1e-5)
+
+
+def test_kronecker_sums_over_sequence_positions():
+    proj = KroneckerProjection(5, 3, bias=True, k_in=4, k_out=2, seed=0)
+    a, g = torch.randn(2, 7, 5, dtype=torch.float64), torch.randn(2, 7, 3, dtype=torch.float64)
+    want = sum(proj.sketch(a[:, t], g[:, t]) for t in range(7))
+    torch.testing.assert_close(proj.sketch(a, g), want)
+
+
+def test_mips_union_takes_half_of_each_side_deduplicated_and_tops_up():
+    pos = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    neg = torch.tensor([[2, 9, 8, 7, 6, 5]])
+    assert mips_union(pos, neg, 4)[0].tolist() == [1, 2, 9, 3]  # 1,2 | 2(dup),9 | top-up alternately: 3
+    assert mips_union(pos, neg, 6)[0].tolist() == [1, 2, 3, 9, 8, 4]
+    with pytest.raises(ConfigurationError, match="distinct candidates"):
+        mips_union(torch.tensor([[1, 2]]), torch.tensor([[2, 1]]), 3)
+
+
+# ------------------------------------------------------------------------------------------------ the module
+def _module(model, ds, params, k, candidates="gradients", index=None, **kw):
+    return lf.InfluenceModule(
+        model,
+        ds,
+        params=params,
+        solver=lf.ExactSolver(damping=1e-2),
+        num_candidates=k,
+        top_k=5,
+        index=index,
+        candidates=candidates,
+        batch_size=64,
+        progress=False,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "sketch", "k"),
+    [
+        (["head.*"], {}, 20),
+        (None, {"method": "kronecker", "dim": 512}, 60),
+        (None, {"method": "dense", "dim": 256}, 60),
+    ],
+)
+def test_gradient_candidates_hold_the_full_scan_top_and_scores_are_exact(trained, params, sketch, k):
+    model, ds, (xq, yq) = trained
+    im = _module(model, ds, params, k, sketch=sketch)
+    batch = (xq[:6], yq[:6])
+    s = im.s_test(batch)
+    full = im.score(s)  # [Q, N], the reference
+    _, cand = im.search(batch, s)
+    assert cand.shape == (6, k) and all(len(set(row.tolist())) == k for row in cand)
+    found = []
+    for q in range(6):
+        top_help = set(full[q].argsort()[:5].tolist())
+        top_harm = set(full[q].argsort(descending=True)[:5].tolist())
+        found.append(len((top_help | top_harm) & set(cand[q].tolist())) / len(top_help | top_harm))
+    if params == [
+        "head.*"
+    ]:  # exact sketches: the k/2 most positive and k/2 most negative g.s are found exactly
+        assert min(found) == 1.0
+    else:
+        assert sum(found) / len(found) >= 0.9, found
+    results = im.explain(batch)
+    for q, r in enumerate(results):
+        ids = r.helpful_ids + r.harmful_ids
+        assert set(ids) <= set(cand[q].tolist())  # within the candidate set
+        torch.testing.assert_close(torch.tensor(r.helpful_scores + r.harmful_scores), full[q, ids].float())
+        assert r.extra["candidates"] == "gradients" and r.num_candidates == k
+        # exact ranking inside the candidates: the helpful list is the most negative of the candidate scores
+        inside = full[q, cand[q]]
+        assert r.helpful_ids == cand[q][inside.argsort()[:5]].tolist()
+
+
+def test_candidates_argument_is_checked(trained):
+    model, ds, _ = trained
+    with pytest.raises(ConfigurationError, match="`candidates`"):
+        _module(model, ds, None, 10, candidates="neighbours")
+    with pytest.raises(ConfigurationError, match="`sketch`"):
+        _module(model, ds, None, 10, sketch={"dims": 3})
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+def test_folder_round_trip_mmap_float16_and_space_mismatch(trained, tmp_path):
+    model, ds, (xq, yq) = trained
+    loss = resolve_loss(model)
+    built = build_gradient_index(model, ds, loss, None, "kronecker", dim=128, seed=2)
+    meta = save_gradient_index(built, tmp_path / "g")
+    disk = json.loads((tmp_path / "g" / "meta.json").read_text())
+    assert (
+        disk["space"] == "gradients"
+        and disk["sketch"]["method"] == "kronecker"
+        and disk["sketch"]["seed"] == 2
+    )
+    assert disk["sketch"]["params"] == [n for n, _ in model.named_parameters()]
+    assert meta.ntotal == 240
+    loaded = load_gradient_index(tmp_path / "g", sketcher=built.sketcher)  # memory-mapped FAISS file
+    s = torch.randn(3, built.sketcher.spec.numel)
+    d1, i1 = built.candidates(s, 30)
+    d2, i2 = loaded.candidates(s, 30)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(d1, d2)
+    # float16 storage: half the bytes, the same candidates up to float16 ties
+    half = build_gradient_index(model, ds, loss, None, "kronecker", dim=128, seed=2, float16=True)
+    save_gradient_index(half, tmp_path / "h")
+    size = lambda p: sum(f.stat().st_size for f in p.iterdir())  # noqa: E731
+    assert size(tmp_path / "h") < 0.6 * size(tmp_path / "g")
+    _, i3 = load_gradient_index(tmp_path / "h", sketcher=half.sketcher).candidates(s, 30)
+    assert len(set(i3[0].tolist()) & set(i1[0].tolist())) >= 27
+    # other sketch settings: refused
+    other = GradientSketcher(model, loss, None, "kronecker", dim=128, seed=3)
+    with pytest.raises(IndexMismatchError, match="seed"):
+        load_gradient_index(tmp_path / "g", sketcher=other)
+    # a feature index asked for gradients, and the other way round: a clear mismatch
+    lf.FeatureIndexCallback(tmp_path / "f", progress=False).build(model, ds)
+    with pytest.raises(IndexMismatchError, match="features-space candidates, but candidates='gradients'"):
+        _module(model, ds, None, 10, index=tmp_path / "f").candidate_index()
+    with pytest.raises(IndexMismatchError, match="gradients-space candidates, but candidates='features'"):
+        _module(model, ds, None, 10, candidates="features", index=tmp_path / "g").candidate_index()
+    # the module reads the folder's sketch settings and ranks exactly as with the in-memory index
+    im = _module(model, ds, None, 30, index=tmp_path / "g")
+    mem = _module(model, ds, None, 30, index=built)
+    a, b = im.explain((xq[:2], yq[:2])), mem.explain((xq[:2], yq[:2]))
+    assert [r.helpful_ids for r in a] == [r.helpful_ids for r in b]
+
+
+def test_head_index_folder_from_callback_gives_the_head_fast_path(trained, tmp_path):
+    model, ds, (xq, yq) = trained
+    lf.GradientIndexCallback(tmp_path / "gh", params=["head.*"], progress=False).build(model, ds)
+    im = _module(model, ds, ["head.*"], 20, index=tmp_path / "gh")
+    im.candidate_index()
+    assert im._cache is not None and im._feature_layer_name == "head"
+    ref = _module(model, ds, ["head.*"], 20, score_method="jvp")
+    s = im.s_test((xq[:2], yq[:2]))
+    torch.testing.assert_close(
+        im.score(s, torch.arange(50)), ref.score(s, torch.arange(50)), rtol=1e-4, atol=1e-6
+    )
+
+
+# ------------------------------------------------------------------------------------------------ real models
+def test_dense_sketch_of_a_batchnorm_cnn_projects_its_per_example_gradients():
+    _models = pytest.importorskip("_models")
+    model, train, _ = _models.bn_cnn(n_train=24, steps=3)
+    model.eval()
+    loss = resolve_loss(model)
+    sk = GradientSketcher(model, loss, None, "auto", dim=48, seed=0)
+    assert sk.method == "dense"  # convolutions: neither head nor Kronecker
+    x, _, _ = sk.sketch_rows(train, batch_size=8)
+    from lightning_fastif.functional.grads import per_example_grads
+
+    params = select_params(model, None)
+    spec = ParamSpec.of(params)
+    g = per_example_grads(loss, spec.flatten(params), spec, train[:24])
+    # the per-example gradient of example 0 by its own backward pass (eval mode: running statistics)
+    named = dict(model.named_parameters())
+    l0 = nn.functional.cross_entropy(model(train[0][0][None]), train[0][1][None])
+    ref0 = torch.cat([t.flatten() for t in torch.autograd.grad(l0, [named[n] for n in spec.names])])
+    torch.testing.assert_close(g[0], ref0, rtol=1e-4, atol=1e-6)
+    r = DenseProjection(spec.numel, 48, seed=0).matrix()
+    torch.testing.assert_close(x, g @ r.T, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+class _FitNothing(__import__("lightning.pytorch", fromlist=["LightningModule"]).LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.distributed
+def test_gradient_index_built_under_ddp_equals_one_process(trained, tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_fastif.retrieval import load_index
+    from lightning_fastif.strategy import InfluenceStrategy
+
+    saved = dict(os.environ)
+    try:
+        model, ds, _ = trained
+        wrapped = _FitNothing(model)
+        settings = {"params": None, "sketch": "kronecker", "sketch_dim": 96, "seed": 4, "progress": False}
+        lf.GradientIndexCallback(tmp_path / "one", **settings).build(wrapped, ds)
+        cb = lf.GradientIndexCallback(tmp_path / "ddp", **settings)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=InfluenceStrategy(start_method="fork", timeout=60.0),
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=[cb],
+            max_epochs=1,
+            limit_train_batches=1,
+        )
+        trainer.fit(wrapped, DataLoader(ds, batch_size=120, shuffle=True))
+        one, m1 = load_index(tmp_path / "one", expected={"space": "gradients"})
+        ddp, m2 = load_index(tmp_path / "ddp", expected={"space": "gradients"})
+        assert m1.sketch == m2.sketch and m1.ntotal == m2.ntotal == 240
+        q = torch.randn(4, m1.dim)
+        d1, i1 = one.search(q, 240)
+        d2, i2 = ddp.search(q, 240)
+        torch.testing.assert_close(d2, d1, rtol=1e-5, atol=1e-5)  # every row, in dataset order, once
+        assert torch.equal(i1[:, :20], i2[:, :20])
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
