@@ -15,6 +15,8 @@ _EXPORTS: dict[str, str] = {
     "ExactSolver": "lightning_fastif.functional.solvers",
     "CGSolver": "lightning_fastif.functional.solvers",
     "LiSSASolver": "lightning_fastif.functional.solvers",
+    "EKFACSolver": "lightning_fastif.kfac_solver",
+    "KFACSolver": "lightning_fastif.kfac_solver",
     "InfluenceModule": "lightning_fastif.module",
     "InfluenceResult": "lightning_fastif.results",
     "FeatureIndexCallback": "lightning_fastif.callbacks",
@@ -27,6 +29,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "CGSolver",
+    "EKFACSolver",
     "ExactSolver",
     "FeatureIndexCallback",
     "GradientIndexCallback",
@@ -35,6 +38,7 @@ __all__ = [
     "InfluenceResult",
     "InfluenceStrategy",
     "InfluenceWriter",
+    "KFACSolver",
     "LiSSASolver",
     "__version__",
     "approximation_diagnostics",
@@ -59,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_fastif.diagnostics import approximation_diagnostics
     from lightning_fastif.gradient_callback import GradientIndexCallback
     from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver
+    from lightning_fastif.kfac_solver import EKFACSolver, KFACSolver
     from lightning_fastif.module import InfluenceModule
     from lightning_fastif.reporting.callback import InfluenceReport
     from lightning_fastif.results import InfluenceResult
