@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "InfluenceReport": "lightning_fastif.reporting.callback",
     "InfluenceStrategy": "lightning_fastif.strategy",
     "approximation_diagnostics": "lightning_fastif.diagnostics",
+    "self_influence": "lightning_fastif.self_influence",
 }
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "LiSSASolver",
     "__version__",
     "approximation_diagnostics",
+    "self_influence",
 ]
 
 

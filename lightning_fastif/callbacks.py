@@ -41,6 +41,11 @@ class FeatureIndexCallback(pl.Callback):
         nprobe, ef_search: search settings of IVF and HNSW indexes.
         progress: show a progress bar over the feature pass (on rank 0).
         collate_fn: how to batch ``train_dataset`` items (default: the fit loader's, else torch's default).
+        forward_fn: ``callable(model, batch) -> outputs``: how the model is called on a batch (default: ``model(x)``
+            for ``(x, y)`` batches, ``model(**inputs)`` for dict batches); pass the same one to ``InfluenceModule``.
+
+    The index folder records a fingerprint of the model's weights and of the training set (its labels and a sample
+    of its inputs): loading it with another model or other training data of the same length is refused.
 
     Call :meth:`build` to index an already trained model without fitting.
 
@@ -61,7 +66,11 @@ class FeatureIndexCallback(pl.Callback):
         ef_search: int | None = None,
         progress: bool = True,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
+        from lightning_fastif.functional.batch import check_forward_fn
+
+        self.forward_fn = check_forward_fn(forward_fn)
         if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
             raise ConfigurationError(f"Expected `dirpath` to be a folder path, but got {dirpath!r}.")
         if train_dataset is not None and not (
@@ -138,7 +147,7 @@ class FeatureIndexCallback(pl.Callback):
             if hasattr(strategy, "gather_features") and n >= world:
                 ids = list(range(rank, n, world))
                 name, feats, logits = extract_shard(
-                    model, train_dataset, ids, self.feature_layer, self.batch_size, collate_fn, show
+                    model, train_dataset, ids, self.feature_layer, self.batch_size, collate_fn, show, self.forward_fn
                 )
                 gathered = strategy.gather_features(feats, logits, n)
                 features = (name, *gathered) if rank == 0 else None
@@ -165,6 +174,7 @@ class FeatureIndexCallback(pl.Callback):
             collate_fn,
             show,
             features=features,
+            forward_fn=self.forward_fn,
             **self.index_kwargs,
         )
         self._save(built)

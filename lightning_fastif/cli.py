@@ -395,6 +395,63 @@ class InfluenceTrainer(pl.Trainer):
         rank_zero_info(f"lightning_fastif: evaluation written to {out / 'evaluation.json'}")
         return result
 
+    def self_influence(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        output_dir: str = "outputs/self_influence",
+        solver: Solver | None = None,
+        params: list[str] | None = None,
+        ids: list[int] | None = None,
+        top: int = 60,
+        score_batch_size: int = 256,
+        image_shape: list[int] | None = None,
+        report: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Rank training examples by self-influence (most likely mislabelled or atypical first) and write them.
+
+        Self-influence is grad L(z) . (C + damping I)^-1 grad L(z) >= 0 (= -I(z, z)). Writes
+        ``output_dir/self_influence.jsonl`` (ranked), ``self_influence.html`` and, with a WandbLogger, a W&B table.
+        Under InfluenceStrategy / DDP, rank r scores ids r::W.
+
+        Args:
+            model: the trained model (weights loaded from ``ckpt_path``).
+            datamodule: provides the training set.
+            ckpt_path: checkpoint to load.
+            output_dir: where results go.
+            solver: ExactSolver, CGSolver or LiSSASolver (default as in ``influence``).
+            params: glob patterns of the parameters to differentiate (default: all trainable).
+            ids: training ids to score (default: all).
+            top: examples shown in the HTML report.
+            score_batch_size: examples per gradient chunk and batched solve.
+            image_shape: reshape flat inputs into images in the report (default: the datamodule's image_shape).
+            report: write the HTML report and the W&B table.
+        """
+        from lightning_fastif.self_influence import run_self_influence, write_self_influence_outputs
+
+        im = self._influence_module(
+            model, datamodule, ckpt_path, None, solver, params, None, 10, score_batch_size
+        )
+        records: list[dict[str, Any]] = []
+
+        def write(got_ids: Any, values: Any, losses: Any, trainer: Any) -> None:  # on every rank (rank 0 writes)
+            records[:] = write_self_influence_outputs(
+                trainer,
+                im,
+                got_ids,
+                values,
+                losses,
+                output_dir,
+                top=top,
+                image_shape=image_shape or getattr(datamodule, "image_shape", None),
+                class_names=getattr(datamodule, "class_names", None),
+                report=report,
+            )
+
+        run_self_influence(self, im, ids, batch_size=score_batch_size, on_done=write)
+        return records
+
 
 class FastIFCLI(LightningCLI):
     """Lightning's CLI with the ``index``, ``influence`` and ``evaluate`` subcommands."""
@@ -406,7 +463,12 @@ class FastIFCLI(LightningCLI):
             "index": {"model", "datamodule"},
             "influence": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
+            "self-influence": {"model", "datamodule"},
         }
+
+
+# the subcommand is spelled `self-influence` on the command line; LightningCLI looks the method up by that name
+setattr(InfluenceTrainer, "self-influence", InfluenceTrainer.self_influence)
 
 
 def main(args: list[str] | None = None) -> None:

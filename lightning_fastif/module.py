@@ -22,13 +22,13 @@ import lightning_fastif.strategy  # noqa: F401  (registers strategy="ddp_influen
 from lightning_fastif._runtime import StageProgress, check_positive_int, eval_mode
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import batch_size as _batch_size
-from lightning_fastif.functional.batch import call_model, fetch, labels_of, logits_of, move_to, slice_batch
+from lightning_fastif.functional.batch import fetch, labels_of, logits_of, move_to, slice_batch
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads_and_losses
 from lightning_fastif.functional.head import head_scores
 from lightning_fastif.functional.losses import check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
-from lightning_fastif.functional.scores import merge_topk, score_batch, split_topk
+from lightning_fastif.functional.scores import PAD_ID, merge_topk, score_batch, split_topk
 from lightning_fastif.functional.solvers import LiSSASolver, Solver
 from lightning_fastif.results import InfluenceResult
 
@@ -54,6 +54,14 @@ class InfluenceModule(pl.LightningModule):
         score_method: ``"auto"`` (the head fast path when it applies, else forward-mode jvp in blocks of 64
             queries), ``"jvp"``, ``"grad"`` (per-example gradients times s_test) or ``"head"``.
         progress: show progress bars (tqdm, rank 0) over solver iterations and full passes that last over 2 s.
+        forward_fn: ``callable(model, batch) -> outputs``: how the model is called on a batch, used by every path
+            (losses, feature extraction and the index, predictions). Default: ``model(x)`` for ``(x, y, ...)``
+            batches, ``model(**inputs)`` for dict batches (every key but ``labels``). Needed for a ``forward`` that
+            takes more than ``batch[0]``, e.g. ``forward_fn=lambda model, batch: model(batch[0], batch[1])``.
+            The loss: ``loss_fn`` if given, else the module's ``per_example_loss(batch)``, else a loss module
+            stored on the model (``self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)``, ``nn.MSELoss()``
+            ...), used with ``reduction="none"`` and its own settings, else plain cross-entropy.
+            ``im.loss.description`` says which; it is logged when predict starts and recorded in every result.
         candidates: ``"features"`` (FastIF: the k nearest training examples in feature space) or ``"gradients"``
             (the k/2 largest and k/2 most negative inner products of gradient sketches with the projected s_test;
             ``index`` is then a gradient index or its folder, see ``retrieval.gradient_index``). Either way the
@@ -86,6 +94,7 @@ class InfluenceModule(pl.LightningModule):
         collate_fn: Callable[[list[Any]], Any] | None = None,
         score_method: str = "auto",
         progress: bool = True,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         candidates: str = "features",
         sketch: dict[str, Any] | None = None,
     ) -> None:
@@ -123,7 +132,8 @@ class InfluenceModule(pl.LightningModule):
             )
         self.model = model
         self.train_dataset = train_dataset
-        self.loss = resolve_loss(model, loss_fn)
+        self.loss = resolve_loss(model, loss_fn, forward_fn)
+        self.forward_fn = self.loss.forward_fn
         self.param_patterns = list(params) if params is not None else None
         select_params(model, self.param_patterns)  # fail now on a pattern that matches nothing
         self.solver = solver
@@ -205,9 +215,19 @@ class InfluenceModule(pl.LightningModule):
         batch = self._prepare(batch)
         theta, spec = self._theta()
         with eval_mode(self.model):
+            with torch.no_grad():  # one plain call first: labels are checked here (not inside vmap)
+                self.loss(spec.unflatten(theta), batch)
             grads, losses = per_example_grads_and_losses(self.loss, theta, spec, batch)
         check_finite(losses.detach(), "query loss")
         check_finite(grads, "query gradient")
+        zero = (grads == 0).all(dim=1)
+        if bool(zero.all()) and bool((losses.detach().abs() > 0).any()):
+            raise ConfigurationError(
+                f"Expected the query loss ({self.loss.description}) to depend on the selected parameters `params` = "
+                f"{self.param_patterns or 'all with requires_grad'}, but its gradient is exactly 0 for every query "
+                "while the loss is not: the output the loss reads does not pass through them (a `forward` returning "
+                "several tensors?). Pass `forward_fn` / `loss_fn` that read the logits, or select other `params`."
+            )
         return grads
 
     def s_test(self, batch: Any) -> Tensor:
@@ -223,11 +243,28 @@ class InfluenceModule(pl.LightningModule):
         start = time.perf_counter()
         grads = self.query_grads(batch)
         theta, spec = self._theta()
-        with eval_mode(self.model):
-            s = self.solver.solve(self.curvature(theta, spec), grads)
-        check_finite(s, "s_test (the solver's solution)")
+        from lightning_fastif.errors import NonFiniteError, SolverDivergenceError
+
+        try:
+            with eval_mode(self.model):
+                s = self.solver.solve(self.curvature(theta, spec), grads)
+            check_finite(s, "s_test (the solver's solution)")
+        except (NonFiniteError, SolverDivergenceError, torch.linalg.LinAlgError):
+            # the query gradients were finite: a non-finite training example is the usual cause; name it
+            self._check_training_finite(theta, spec)
+            raise
         self._timed("s_test", start)
         return s
+
+    def _check_training_finite(self, theta: Tensor, spec: ParamSpec) -> None:
+        """Raise :class:`NonFiniteError` naming the training ids whose loss is NaN or inf (one forward pass)."""
+        params = spec.unflatten(theta)
+        n = len(self.train_dataset)  # type: ignore[arg-type]
+        with eval_mode(self.model), torch.no_grad():
+            for at in range(0, n, self.score_batch_size):
+                ids = list(range(at, min(n, at + self.score_batch_size)))
+                batch = self._prepare(fetch(self.train_dataset, ids, self._user_collate))
+                check_finite(self.loss(params, batch), "training loss", ids)
 
     def candidate_loader(self, train_indices: Sequence[int] | Tensor) -> DataLoader:
         """The training examples ``train_indices`` in order, in batches (a ``Subset`` + ``DataLoader``)."""
@@ -250,6 +287,7 @@ class InfluenceModule(pl.LightningModule):
         head = self._head_fast_path(spec)
         if head is not None:  # cached features and logits: no forward pass at all
             out = self._head_scores(head, spec, s_test, ids)
+            check_finite(out.T, "influence score (a training example's cached feature or logits)", ids)
             self._timed("scoring", start)
             return out
         method = "jvp" if self.score_method == "head" else self.score_method
@@ -259,6 +297,7 @@ class InfluenceModule(pl.LightningModule):
                 chunk = ids[at : at + self.score_batch_size].tolist()
                 batch = self._prepare(fetch(self.train_dataset, chunk, self._user_collate))
                 out[:, at : at + len(chunk)] = score_batch(self.loss, theta, spec, batch, s_test, method).T
+        check_finite(out.T, "influence score (a training example's loss or gradient)", ids)
         self._timed("scoring", start)
         return out
 
@@ -269,12 +308,22 @@ class InfluenceModule(pl.LightningModule):
         if (
             self.score_method not in ("auto", "head")
             or self._cache is None
-            or self.loss.source != "classification"
+            or not self.loss.plain_cross_entropy  # label smoothing, class weights... change g: no closed form
         ):
             return None
         layer = self._feature_layer_name
         module = dict(self.model.named_modules()).get(layer or "")
         if not isinstance(module, nn.Linear) or self._param_dtype() != torch.float32:
+            return None
+        feats, logits = self._cache.get("features"), self._cache.get("logits")
+        if (
+            feats is None
+            or logits is None
+            or feats.dim() != 2
+            or logits.dim() != 2
+            or feats.shape[1] != module.in_features
+            or logits.shape[1] != module.out_features
+        ):  # the cached logits are not this head's outputs (a model returning several tensors): no closed form
             return None
         w, b = f"{layer}.weight", f"{layer}.bias" if module.bias is not None else None
         return (w, b) if set(spec.names) == {w, b} - {None} else None
@@ -328,9 +377,15 @@ class InfluenceModule(pl.LightningModule):
 
         n = len(self.train_dataset)  # type: ignore[arg-type]
         if isinstance(self.index, (str, os.PathLike)):
+            from lightning_fastif.functional.params import dataset_fingerprint
             from lightning_fastif.retrieval.store import load_index
 
-            expected = {"dataset_length": n, "model_fingerprint": fingerprint(self.model), "space": "features"}
+            expected = {
+                "dataset_length": n,
+                "model_fingerprint": fingerprint(self.model),
+                "space": "features",
+                "dataset_fingerprint": dataset_fingerprint(self.train_dataset),
+            }
             if self.feature_layer is not None:
                 expected["feature_layer"] = self.feature_layer
             index, meta = load_index(self.index, expected=expected)
@@ -360,6 +415,7 @@ class InfluenceModule(pl.LightningModule):
                 self.feature_layer,
                 collate_fn=self.collate_fn,
                 batch_size=self.score_batch_size,
+                forward_fn=self.forward_fn,
             )
             index, self._feature_layer_name = built.index, built.meta["feature_layer"]
             if built.logits is not None:
@@ -376,7 +432,7 @@ class InfluenceModule(pl.LightningModule):
         from lightning_fastif.retrieval.features import extract_features
 
         self.candidate_index()
-        return extract_features(self.model, [batch], self._feature_layer_name)
+        return extract_features(self.model, [batch], self._feature_layer_name, forward_fn=self.forward_fn)
 
     def search(self, batch: Any, s_test: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(distances [B, k], training ids [B, k])`` of the ``num_candidates`` nearest training examples.
@@ -437,6 +493,7 @@ class InfluenceModule(pl.LightningModule):
             )
         self._query_offsets = {}
         self.timings = {}
+        rank_zero_info(f"lightning_fastif: influence of the loss {self.loss.description}")
         if self.num_candidates is not None:
             self.candidate_index()
 
@@ -494,11 +551,11 @@ class InfluenceModule(pl.LightningModule):
         n = _batch_size(batch)
         query_ids = list(range(n)) if query_ids is None else list(query_ids)
         theta, spec = self._theta()
-        with eval_mode(self.model):
+        with eval_mode(self.model), torch.no_grad():
             losses = self.loss(spec.unflatten(theta), batch).detach()
-            logits = logits_of(call_model(self.model, batch))
+            outputs = self.loss.outputs(batch) if self.loss.source != "per_example_loss" else None
         labels = labels_of(batch)
-        preds = logits.argmax(-1) if logits is not None and logits.dim() == 2 else None
+        preds = _predictions(outputs, self.loss, n)
         s = self.s_test(batch)
         distances: Tensor | None = None
         candidates: Tensor | None = None
@@ -509,18 +566,22 @@ class InfluenceModule(pl.LightningModule):
         results = []
         for q in range(n):
             h_ids, h_sc, x_ids, x_sc = ranked[q]
+            h_ids, h_sc = h_ids[h_ids != PAD_ID], h_sc[h_ids != PAD_ID]  # slots no candidate of that sign filled
+            x_ids, x_sc = x_ids[x_ids != PAD_ID], x_sc[x_ids != PAD_ID]
             dist = {}
             if candidates is not None and distances is not None:
                 dist = dict(zip(candidates[q].tolist(), distances[q].tolist()))
             results.append(
                 InfluenceResult(
                     query_id=int(query_ids[q]),
-                    label=None if labels is None else int(labels[q]),
-                    prediction=None if preds is None else int(preds[q]),
+                    label=None if labels is None else _plain_value(labels[q]),
+                    prediction=None if preds is None else preds[q],
                     helpful_ids=h_ids.tolist(),
                     helpful_scores=h_sc.tolist(),
                     harmful_ids=x_ids.tolist(),
                     harmful_scores=x_sc.tolist(),
+                    loss=self.loss.description,
+                    flags=_flags(float(losses[q]), h_ids, x_ids),
                     num_candidates=len(self.train_dataset)
                     if candidates is None
                     else int(candidates.shape[1]),  # type: ignore[arg-type]
@@ -531,3 +592,44 @@ class InfluenceModule(pl.LightningModule):
                 )
             )
         return results
+
+
+# -------------------------------------------------------------------------------------------- result fields
+def _plain_value(value: Tensor) -> int | float | list[Any]:
+    """A label or target as it is: an int class id, a float target, a (nested) list for a vector target."""
+    if value.dim() == 0:
+        return value.item()
+    return value.tolist()
+
+
+def _predictions(outputs: Any, loss: Any, n: int) -> list[Any] | None:
+    """Per query: the predicted class (argmax of ``[B, C]`` logits) for a classification loss; the model's output
+    (a float, or a list for a vector output) for a regression loss; None when the output cannot be read."""
+    if outputs is None:
+        return None
+    if loss.source == "classification" or (loss.module_loss is not None and loss.module_loss.classes):
+        logits = logits_of(outputs)
+        if logits is None or logits.dim() != 2 or logits.shape[0] != n:
+            return None
+        return [int(i) for i in logits.argmax(-1).tolist()]
+    out = logits_of(outputs)
+    if out is None or out.dim() == 0 or out.shape[0] != n or not out.is_floating_point():
+        return None
+    if loss.module_loss is not None:  # a regression loss on the model: the output is the prediction
+        return [_plain_value(out[i]) for i in range(n)]
+    if out.dim() == 2 and out.shape[1] > 1 and loss.source == "loss_fn":  # a user loss: logits-shaped output
+        return [int(i) for i in out.argmax(-1).tolist()]
+    return None
+
+
+def _flags(query_loss: float, helpful_ids: Tensor, harmful_ids: Tensor) -> list[str]:
+    """Warnings about one query's result (``InfluenceResult.flags``)."""
+    flags = []
+    if query_loss == 0.0:
+        flags.append(
+            "saturated_query: loss 0, gradient 0, every score is 0 (the model is certain of this query's label: "
+            "no training example can change its loss to first order)"
+        )
+    elif helpful_ids.numel() == 0 and harmful_ids.numel() == 0:
+        flags.append("no_influence: every candidate's score is 0 (the query's gradient is 0)")
+    return flags

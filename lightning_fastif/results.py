@@ -18,8 +18,10 @@ class InfluenceResult:
 
     Attributes:
         query_id: position of the query in the query dataset.
-        label: the query's label (``None`` when the batch has none).
-        prediction: the model's predicted class (``None`` for non-classification outputs).
+        label: the query's label as the batch holds it: an int class, a float target, a list for a vector target
+            (``None`` when the batch has none).
+        prediction: the model's predicted class (an int) for a classification loss; the model's output (a float
+            or a list of floats) for a regression loss; ``None`` when neither applies.
         helpful_ids / helpful_scores: the most helpful training ids and their influence, most negative first.
         harmful_ids / harmful_scores: the most harmful training ids and their influence, most positive first.
         num_candidates: how many training examples were scored for this query.
@@ -27,11 +29,15 @@ class InfluenceResult:
         helpful_distances / harmful_distances: kNN feature distances of the listed ids (empty for a full scan).
         extra: free-form JSON-serialisable details (timings, solver diagnostics...).
         group: for a group query (the mean loss of several queries), the members' query ids; ``None`` otherwise.
+        loss: the per-example loss the influence is of, in words (``"CrossEntropyLoss(label_smoothing=0.1) from
+            model.criterion"``, ``"default cross-entropy (no loss found on the model)"``, ``"loss_fn (...)"``).
+        flags: warnings about this query, each ``"<kind>: <explanation>"``; e.g. ``"saturated_query: loss 0,
+            gradient 0, every score is 0"``. Empty when nothing is wrong.
     """
 
     query_id: int
-    label: int | None
-    prediction: int | None
+    label: int | float | list[Any] | None
+    prediction: int | float | list[Any] | None
     helpful_ids: list[int]
     helpful_scores: list[float]
     harmful_ids: list[int]
@@ -42,6 +48,8 @@ class InfluenceResult:
     harmful_distances: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     group: list[int] | None = None
+    loss: str = ""
+    flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only (ints, floats, strings, lists, dicts, None); non-finite floats become None."""

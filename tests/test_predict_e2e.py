@@ -63,13 +63,16 @@ def test_knn_results_come_from_each_querys_neighbours_and_are_written(fitted, tm
         allowed = set(nn_ids.tolist())
         assert r.num_candidates == 100
         assert set(r.helpful_ids) <= allowed and set(r.harmful_ids) <= allowed
-        assert len(r.helpful_ids) == len(r.harmful_ids) == 10
+        # up to 10 of each sign (issue 9: a helpful score is negative, a harmful one positive, never the same id)
+        assert 0 < len(r.helpful_ids) <= 10 and len(r.harmful_ids) == 10
+        assert all(s < 0 for s in r.helpful_scores) and all(s > 0 for s in r.harmful_scores)
+        assert not set(r.helpful_ids) & set(r.harmful_ids)
         assert (
             r.helpful_scores == sorted(r.helpful_scores)
             and r.harmful_scores == sorted(r.harmful_scores)[::-1]
         )
         assert r.label == int(y[r.query_id]) and r.prediction != r.label
-        assert len(r.helpful_distances) == 10
+        assert len(r.helpful_distances) == len(r.helpful_ids)
     lines = (tmp_path / "out" / "influence.jsonl").read_text().splitlines()
     assert [json.loads(line)["query_id"] for line in lines] == fitted["wrong"]
     assert json.loads(lines[0]) == results[0].to_dict()

@@ -7,13 +7,24 @@ labels), a dict (the model is called with every key but ``labels``; ``labels`` a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["batch_size", "call_model", "fetch", "labels_of", "logits_of", "move_to", "slice_batch"]
+__all__ = [
+    "FORWARD_FN_HELP",
+    "ForwardFn",
+    "batch_size",
+    "call_model",
+    "check_forward_fn",
+    "fetch",
+    "labels_of",
+    "logits_of",
+    "move_to",
+    "slice_batch",
+]
 
 
 def move_to(batch: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
@@ -85,10 +96,52 @@ def model_args(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     raise TypeError(f"Cannot read model inputs from a batch of type {type(batch).__name__}.")
 
 
-def call_model(model: torch.nn.Module, batch: Any) -> Any:
-    """``model(x)`` for ``(x, y)`` batches, ``model(**inputs)`` for dict batches, ``model(batch)`` for tensors."""
+ForwardFn = Callable[[torch.nn.Module, Any], Any]
+"""``forward_fn(model, batch) -> outputs``: how the model is called on a batch (every path of the library uses it)."""
+
+FORWARD_FN_HELP = (
+    "Say how the model is called on a batch with `forward_fn=callable(model, batch) -> outputs` (for example "
+    "`forward_fn=lambda model, batch: model(batch[0], batch[1])`); InfluenceModule, FeatureIndexCallback and "
+    "build_index all take it."
+)
+
+
+def check_forward_fn(forward_fn: Any) -> ForwardFn | None:
+    """``forward_fn`` itself when it is None or callable; else a :class:`ConfigurationError`."""
+    if forward_fn is not None and not callable(forward_fn):
+        from lightning_fastif.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"Expected `forward_fn` to be a callable(model, batch) -> outputs or None, but got {forward_fn!r}."
+        )
+    return forward_fn
+
+
+def call_model(model: torch.nn.Module, batch: Any, forward_fn: ForwardFn | None = None) -> Any:
+    """The model's outputs on a batch: ``forward_fn(model, batch)`` when given, else the default convention.
+
+    The default: ``model(x)`` for ``(x, y, ...)`` batches, ``model(**inputs)`` for dict batches (every key but
+    ``labels``), ``model(batch)`` for a bare tensor.
+
+    Raises:
+        ModelCallError: the default convention's call raised ``TypeError`` (a ``forward`` that takes more than
+            ``batch[0]``, such as ``forward(inputs, target)``); the message names ``forward_fn``.
+    """
+    if forward_fn is not None:
+        return forward_fn(model, batch)
     args, kwargs = model_args(batch)
-    return model(*args, **kwargs)
+    try:
+        return model(*args, **kwargs)
+    except TypeError as err:
+        from lightning_fastif.errors import ModelCallError
+
+        shown = (
+            f"model(**{{{', '.join(map(repr, kwargs))}}})" if kwargs else f"model(<{type(args[0]).__name__}>)"
+        )
+        raise ModelCallError(
+            f"Calling the model on a batch by the default convention, {shown} (the first element of a tuple batch, "
+            f"or the keys of a dict batch but `labels`), raised TypeError: {err}. {FORWARD_FN_HELP}"
+        ) from err
 
 
 def labels_of(batch: Any) -> Tensor | None:
@@ -102,7 +155,8 @@ def labels_of(batch: Any) -> Tensor | None:
 
 
 def logits_of(outputs: Any) -> Tensor | None:
-    """The logits tensor of a model output: the output itself, its ``.logits``, or its ``"logits"`` key."""
+    """The logits tensor of a model output: the output itself, its ``.logits``, its ``"logits"`` key, or the only
+    tensor of a tuple (``None`` for a tuple of several tensors: which one is the logits is ambiguous)."""
     if isinstance(outputs, Tensor):
         return outputs
     if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), Tensor):
@@ -110,8 +164,9 @@ def logits_of(outputs: Any) -> Tensor | None:
     lg = getattr(outputs, "logits", None)
     if isinstance(lg, Tensor):
         return lg
-    if isinstance(outputs, (list, tuple)) and outputs and isinstance(outputs[0], Tensor):
-        return outputs[0]
+    if isinstance(outputs, (list, tuple)):  # the only tensor of a tuple; several tensors: ambiguous, None
+        tensors = [t for t in outputs if isinstance(t, Tensor)]
+        return tensors[0] if len(tensors) == 1 else None
     return None
 
 

@@ -10,13 +10,14 @@ import fnmatch
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_fastif.errors import ConfigurationError
 
-__all__ = ["ParamSpec", "fingerprint", "select_params"]
+__all__ = ["ParamSpec", "dataset_fingerprint", "fingerprint", "select_params"]
 
 
 def select_params(model: nn.Module, patterns: str | Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -110,5 +111,71 @@ def fingerprint(model: nn.Module, include_buffers: bool = True) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
-        h.update(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1) first: a 0-dim tensor (BatchNorm's num_batches_tracked, a scalar temperature) cannot be viewed
+        # as bytes directly
+        h.update(t.to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+DATA_SAMPLE = 64
+"""How many training examples (evenly spaced, first and last included) :func:`dataset_fingerprint` reads."""
+
+
+def _digest(h: Any, value: Any) -> None:
+    if isinstance(value, Tensor):
+        t = value.detach().to("cpu")
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _digest(h, value[k])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"[{len(value)}".encode())
+        for v in value:
+            _digest(h, v)
+    else:
+        h.update(repr(value).encode())
+
+
+def dataset_fingerprint(dataset: Any, sample: int = DATA_SAMPLE) -> dict[str, Any]:
+    """A cheap fingerprint of a training set: its labels and a sample of its inputs.
+
+    For a ``TensorDataset`` the labels (second tensor) are hashed in full and the inputs at ``sample`` evenly
+    spaced positions; for any other map-style dataset, the examples at those positions (labels and inputs apart).
+    It tells "the same data" from "other data of the same length"; it is not a proof of equality.
+
+    Returns:
+        ``{"labels": sha256 hex, "inputs": sha256 hex, "sample": positions read}``.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> ds = TensorDataset(torch.zeros(10, 2), torch.arange(10))
+        >>> sorted(dataset_fingerprint(ds))
+        ['inputs', 'labels', 'sample']
+    """
+    from torch.utils.data import TensorDataset
+
+    n = len(dataset)
+    pos = sorted({round(i * (n - 1) / max(sample - 1, 1)) for i in range(min(sample, n))}) if n else []
+    h_lab, h_in = hashlib.sha256(), hashlib.sha256()
+    h_lab.update(str(n).encode())
+    if isinstance(dataset, TensorDataset):
+        tensors = dataset.tensors
+        index = torch.as_tensor(pos, dtype=torch.long)
+        if len(tensors) >= 2:
+            _digest(h_lab, tensors[1])
+        _digest(h_in, [t[index] for i, t in enumerate(tensors) if i != 1])
+    else:
+        for i in pos:
+            item = dataset[i]
+            if isinstance(item, dict):
+                lab = {k: v for k, v in item.items() if k in ("labels", "label")}
+                _digest(h_lab, lab)
+                _digest(h_in, {k: v for k, v in item.items() if k not in lab})
+            elif isinstance(item, (list, tuple)) and len(item) >= 2:
+                _digest(h_lab, item[1])
+                _digest(h_in, [item[0], *item[2:]])
+            else:
+                _digest(h_in, item)
+    return {"labels": h_lab.hexdigest(), "inputs": h_in.hexdigest(), "sample": len(pos)}

@@ -18,7 +18,7 @@ from lightning_fastif.functional.batch import batch_size, slice_batch
 from lightning_fastif.functional.grads import Loss, flat_loss, per_example_grads
 from lightning_fastif.functional.params import ParamSpec
 
-__all__ = ["grad_scores", "jvp_scores", "merge_topk", "score_batch", "split_topk"]
+__all__ = ["PAD_ID", "grad_scores", "jvp_scores", "merge_topk", "score_batch", "split_topk"]
 
 JVP_BLOCK = 64
 """``"auto"`` scores by forward mode, ``JVP_BLOCK`` s_test vectors at a time. Measured on an MLP of 235k parameters,
@@ -91,20 +91,46 @@ def score_batch(
     raise ConfigurationError(f"Expected `score_method` to be 'auto', 'jvp' or 'grad', but got {method!r}.")
 
 
+PAD_ID = -1
+"""Id of an empty slot of a top-k list (its score is NaN): fewer than k candidates had a score of that sign."""
+
+
+def _signed(
+    h_ids: Tensor, h_sc: Tensor, x_ids: Tensor, x_sc: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Empty the slots of the wrong sign: helpful keeps scores < 0, harmful scores > 0 (0 is neither)."""
+    nan = torch.tensor(float("nan"), dtype=h_sc.dtype, device=h_sc.device)
+    pad = torch.tensor(PAD_ID, dtype=h_ids.dtype, device=h_ids.device)
+    h_ok, x_ok = h_sc < 0, x_sc > 0  # NaN compares False: padding stays padding
+    return (
+        torch.where(h_ok, h_ids, pad),
+        torch.where(h_ok, h_sc, nan),
+        torch.where(x_ok, x_ids, pad),
+        torch.where(x_ok, x_sc, nan),
+    )
+
+
 def split_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Most helpful and most harmful of ``scores [Q, n]`` with training ``ids [n]`` (or ``[Q, n]``).
 
     Returns:
         ``helpful_ids, helpful_scores`` (most negative first) and ``harmful_ids, harmful_scores`` (most positive
-        first), each ``[Q, min(k, n)]``. Equal scores rank the smaller id first, so the answer does not depend on
-        the order of the candidates, nor on how they were split into shards (see :func:`merge_topk`).
+        first), each ``[Q, min(k, n)]``. A helpful score is always negative and a harmful one positive, so the two
+        lists never share an id (even when ``2 k > n``); slots left over are padding, id :data:`PAD_ID` and score
+        NaN, at the end of the row (a score of exactly 0 is in neither list). Equal scores rank the smaller id
+        first, so the answer does not depend on the order of the candidates, nor on how they were split into
+        shards (see :func:`merge_topk`).
+
+    Example:
+        >>> split_topk(torch.tensor([[-2.0, 1.0, -0.5]]), torch.tensor([7, 8, 9]), 2)[2]
+        tensor([[ 8, -1]])
     """
     q, n = scores.shape
     k = min(k, n)
     ids = ids.expand(q, n) if ids.dim() == 1 else ids
     up = _lexsort(scores, ids)[:, :k]
     down = _lexsort(-scores, ids)[:, :k]
-    return (
+    return _signed(
         torch.gather(ids, 1, up),
         torch.gather(scores, 1, up),
         torch.gather(ids, 1, down),
@@ -119,11 +145,12 @@ def merge_topk(
 
     Args:
         parts: one ``(helpful_ids, helpful_scores, harmful_ids, harmful_scores)`` per shard, each ``[Q, k_s]``;
-            shards may hold different numbers ``k_s`` of entries (even none), but no padding.
+            shards may hold different numbers ``k_s`` of entries (even none) and padding (id -1, score NaN).
         k: entries kept per query.
 
     Returns:
-        The same four tensors, ``[Q, min(k, sum k_s)]``: by score, equal scores by id (shard order is irrelevant).
+        The same four tensors, ``[Q, min(k, sum k_s)]``: by score, equal scores by id (shard order is irrelevant);
+        helpful scores negative, harmful positive, padding last.
     """
     if not parts:
         raise ConfigurationError("Expected `parts` to hold at least one shard's top-k lists, but got none.")
@@ -131,9 +158,9 @@ def merge_topk(
     h_sc = torch.cat([p[1] for p in parts], 1)
     x_ids = torch.cat([p[2] for p in parts], 1)
     x_sc = torch.cat([p[3] for p in parts], 1)
-    hi = _lexsort(h_sc, h_ids)[:, :k]
+    hi = _lexsort(h_sc, h_ids)[:, :k]  # NaN (padding) sorts last
     xi = _lexsort(-x_sc, x_ids)[:, :k]
-    return (
+    return _signed(
         torch.gather(h_ids, 1, hi),
         torch.gather(h_sc, 1, hi),
         torch.gather(x_ids, 1, xi),

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.functional.params import fingerprint
+from lightning_fastif.functional.batch import ForwardFn
+from lightning_fastif.functional.params import dataset_fingerprint, fingerprint
 from lightning_fastif.retrieval.features import (
     extract_features_and_outputs,
     find_feature_layer,
@@ -40,6 +41,7 @@ def extract_shard(
     batch_size: int = 256,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     progress: bool = False,
+    forward_fn: ForwardFn | None = None,
 ) -> tuple[str, Tensor, Tensor | None]:
     """Features ``[n, d]`` (and logits when the model gives them) of ``dataset`` rows ``ids`` (all if None), in order.
 
@@ -53,18 +55,18 @@ def extract_shard(
         from lightning_fastif.functional.batch import move_to
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        feature_layer = find_feature_layer(model, move_to(first, device), None)[0]
+        feature_layer = find_feature_layer(model, move_to(first, device), None, forward_fn)[0]
     name = (
         feature_layer if isinstance(feature_layer, str) else find_feature_layer(model, None, feature_layer)[0]
     )
     try:
-        feats, logits = extract_features_and_outputs(model, loader, name, progress=progress)
+        feats, logits = extract_features_and_outputs(model, loader, name, progress=progress, forward_fn=forward_fn)
     except ConfigurationError as err:  # a model whose output has no logits: features alone still index
         if "logits" not in str(err):
             raise
         from lightning_fastif.retrieval.features import extract_features
 
-        feats, logits = extract_features(model, loader, name, progress=progress), None
+        feats, logits = extract_features(model, loader, name, progress=progress, forward_fn=forward_fn), None
     return name, feats, logits
 
 
@@ -78,6 +80,7 @@ def build_index(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     progress: bool = False,
     features: tuple[str, Tensor, Tensor | None] | None = None,
+    forward_fn: ForwardFn | None = None,
     **index_kwargs: Any,
 ) -> BuiltIndex:
     """Extract the training features (or take ``features`` already extracted) and index them by training id.
@@ -90,9 +93,11 @@ def build_index(
         batch_size, collate_fn: how the dataset is read (in order, no shuffling).
         progress: show a progress bar over the feature pass.
         features: ``(layer name, features [N, d], logits [N, C] or None)`` from :func:`extract_shard`.
+        forward_fn: ``callable(model, batch) -> outputs``, how the model is called on a batch (default: ``model(x)``
+            for ``(x, y)`` batches, ``model(**inputs)`` for dict batches).
     """
     name, feats, logits = features or extract_shard(
-        model, dataset, None, feature_layer, batch_size, collate_fn, progress
+        model, dataset, None, feature_layer, batch_size, collate_fn, progress, forward_fn
     )
     index = make_index(factory, backend, **index_kwargs)
     index.add(feats, torch.arange(len(feats), dtype=torch.long))
@@ -100,5 +105,6 @@ def build_index(
         "feature_layer": name,
         "dataset_length": len(dataset),  # type: ignore[arg-type]
         "model_fingerprint": fingerprint(model),
+        "dataset_fingerprint": dataset_fingerprint(dataset),
     }
     return BuiltIndex(index, meta, feats, logits)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.functional.batch import batch_size, call_model, logits_of, move_to
+from lightning_fastif.functional.batch import ForwardFn, batch_size, call_model, logits_of, move_to
 
 __all__ = [
     "extract_features",
@@ -74,7 +74,7 @@ def _layer_by_name(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     )
 
 
-def _last_linear_called(model: nn.Module, batch: Any) -> tuple[str, nn.Module]:
+def _last_linear_called(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None) -> tuple[str, nn.Module]:
     """Run one forward pass and return the ``nn.Linear`` called last (registration order is not call order)."""
     calls: list[str] = []
     handles = []
@@ -88,7 +88,7 @@ def _last_linear_called(model: nn.Module, batch: Any) -> tuple[str, nn.Module]:
                 "Pass `feature_layer` (a module name or the module itself)."
             )
         with _eval_mode(model):
-            call_model(model, batch)
+            call_model(model, batch, forward_fn)
     finally:
         for h in handles:
             h.remove()
@@ -103,7 +103,10 @@ def _last_linear_called(model: nn.Module, batch: Any) -> tuple[str, nn.Module]:
 
 
 def find_feature_layer(
-    model: nn.Module, batch: Any = None, feature_layer: str | nn.Module | None = None
+    model: nn.Module,
+    batch: Any = None,
+    feature_layer: str | nn.Module | None = None,
+    forward_fn: ForwardFn | None = None,
 ) -> tuple[str, nn.Module]:
     """The module whose input is the feature, and its dotted name in ``model.named_modules()``.
 
@@ -146,7 +149,7 @@ def find_feature_layer(
             "Expected `batch` to be a real batch when `feature_layer` is None (the default layer is found by "
             "running the model), but got None."
         )
-    return _last_linear_called(model, batch)
+    return _last_linear_called(model, batch, forward_fn)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -176,6 +179,7 @@ def _extract(
     device: torch.device | str | None,
     progress: bool,
     with_outputs: bool,
+    forward_fn: ForwardFn | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     device = _model_device(model) if device is None else torch.device(device)
     batches = iter(dataloader)
@@ -184,7 +188,7 @@ def _extract(
     except StopIteration:
         raise ConfigurationError("Expected `dataloader` to yield at least one batch, but got none.") from None
     first = move_to(first, device)
-    name, layer = find_feature_layer(model, first, feature_layer)
+    name, layer = find_feature_layer(model, first, feature_layer, forward_fn)
 
     captured: list[Tensor] = []
 
@@ -207,7 +211,7 @@ def _extract(
             stream = itertools.chain([first], (move_to(b, device) for b in batches))
             for batch in tqdm(stream, total=total, disable=not progress, desc="Features", unit="batch"):
                 captured.clear()
-                outputs = call_model(model, batch)
+                outputs = call_model(model, batch, forward_fn)
                 if not captured:
                     raise ConfigurationError(
                         f"Expected the feature layer {name!r} to be called with a tensor input in every forward "
@@ -267,6 +271,7 @@ def extract_features(
     feature_layer: str | nn.Module | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    forward_fn: ForwardFn | None = None,
 ) -> Tensor:
     """The input of the feature layer for every example of ``dataloader``, in dataloader order.
 
@@ -277,6 +282,8 @@ def extract_features(
             batch).
         device: where batches are moved (the model must already be there); default: the model's device.
         progress: show a tqdm progress bar.
+        forward_fn: ``callable(model, batch) -> outputs``, how the model is called on a batch (default:
+            ``model(x)`` for ``(x, y)`` batches, ``model(**inputs)`` for dict batches).
 
     Returns:
         Features ``[N, d]`` float32 on the CPU, one row per example.
@@ -291,7 +298,7 @@ def extract_features(
         >>> extract_features(net, loader).shape
         torch.Size([10, 8])
     """
-    return _extract(model, dataloader, feature_layer, device, progress, with_outputs=False)[0]
+    return _extract(model, dataloader, feature_layer, device, progress, with_outputs=False, forward_fn=forward_fn)[0]
 
 
 def extract_features_and_outputs(
@@ -300,6 +307,7 @@ def extract_features_and_outputs(
     feature_layer: str | nn.Module | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    forward_fn: ForwardFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Like :func:`extract_features`, and the model's logits from the same pass.
 
@@ -310,7 +318,9 @@ def extract_features_and_outputs(
     Raises:
         ConfigurationError: as :func:`extract_features`, or a model output without logits.
     """
-    features, outputs = _extract(model, dataloader, feature_layer, device, progress, with_outputs=True)
+    features, outputs = _extract(
+        model, dataloader, feature_layer, device, progress, with_outputs=True, forward_fn=forward_fn
+    )
     return features, cast(Tensor, outputs)
 
 

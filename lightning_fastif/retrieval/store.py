@@ -58,6 +58,7 @@ COMPARABLE = (
     "backend",
     "model_fingerprint",
     "space",
+    "dataset_fingerprint",
 )
 _REBUILD = (
     "Rebuild it (FeatureIndexCallback, `lightning-fastif index`, or retrieval.save_index) or point `index` at "
@@ -76,6 +77,7 @@ class IndexMeta:
     feature_layer: str | None = None
     dataset_length: int | None = None
     model_fingerprint: str | None = None
+    dataset_fingerprint: dict[str, Any] | None = None  # functional.params.dataset_fingerprint: labels, input sample
     dim: int | None = None
     ntotal: int | None = None
     factory: str = "Flat"
@@ -338,6 +340,24 @@ def _same_layer(a: Any, b: Any) -> bool:
     return a == b or a.endswith("." + b) or b.endswith("." + a)
 
 
+def _dataset_diffs(have: Any, want: Any) -> list[str]:
+    """What differs between two ``dataset_fingerprint`` dicts, in words (an index saved without one: nothing)."""
+    if not isinstance(have, Mapping) or not isinstance(want, Mapping):
+        return []
+    out = []
+    if have.get("labels") != want.get("labels"):
+        out.append(
+            "dataset_fingerprint: the training labels differ from those the index was built on (same length, other "
+            "data or another order)"
+        )
+    if have.get("inputs") != want.get("inputs"):
+        out.append(
+            f"dataset_fingerprint: the training inputs differ from those the index was built on (a sample of "
+            f"{want.get('sample')} examples compared)"
+        )
+    return out
+
+
 def load_index(
     dirpath: str | os.PathLike[str], expected: Mapping[str, Any] | None = None, ignore_mismatch: bool = False
 ) -> tuple[CandidateIndex, IndexMeta]:
@@ -346,7 +366,8 @@ def load_index(
     Args:
         dirpath: the index folder.
         expected: values the index must have been built from, any of ``feature_layer``, ``dim``,
-            ``dataset_length``, ``ntotal``, ``factory``, ``backend``, ``model_fingerprint``; None values are not
+            ``dataset_length``, ``ntotal``, ``factory``, ``backend``, ``model_fingerprint``,
+            ``dataset_fingerprint`` (an index saved without one is not checked for it); None values are not
             checked. Feature layer names match up to a wrapper prefix.
         ignore_mismatch: warn instead of raising when ``expected`` disagrees.
 
@@ -387,7 +408,9 @@ def load_index(
     diffs = []
     for key, want in expected.items():
         have = getattr(meta, key)
-        if want is not None and not (_same_layer(have, want) if key == "feature_layer" else have == want):
+        if key == "dataset_fingerprint":
+            diffs += _dataset_diffs(have, want)
+        elif want is not None and not (_same_layer(have, want) if key == "feature_layer" else have == want):
             diffs.append(f"{key}: the index has {have!r}, expected {want!r}")
     if diffs:
         msg = (
