@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_fastif.callbacks import FeatureIndexCallback, InfluenceWriter
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver, Solver
+from lightning_fastif.lds import LDSSettings
 from lightning_fastif.module import InfluenceModule
 from lightning_fastif.reporting.callback import InfluenceReport
 
@@ -324,6 +325,7 @@ class InfluenceTrainer(pl.Trainer):
         top_m: int = 10,
         loo_removals: int = 10,
         score_batch_size: int = 256,
+        lds: LDSSettings = LDSSettings(),  # noqa: B008 - a settings block, like queries
     ) -> dict[str, Any]:
         """Measure the approximations on this model: kNN recall against a full scan, solver agreement against a
         reference solver, and a small leave-one-out retraining check. Prints tables and writes JSON.
@@ -343,6 +345,8 @@ class InfluenceTrainer(pl.Trainer):
             top_m: size of the full-scan top lists whose recall is measured.
             loo_removals: training examples removed one at a time in the leave-one-out check (0: skip it).
             score_batch_size: batch size of scoring and Hessian passes.
+            lds: the linear datamodeling score (``--lds.subsets M --lds.fraction alpha``; 0 subsets: skip): M
+                subsets retrained through Lightning, Spearman of summed influences against the actual query losses.
         """
         from lightning_fastif.diagnostics import approximation_diagnostics
         from lightning_fastif.evaluation import leave_one_out_check, solver_agreement
@@ -382,6 +386,10 @@ class InfluenceTrainer(pl.Trainer):
                 f"Pearson {loo.pearson:.4f}, Spearman {loo.spearman:.4f} between predicted (-I/N) and actual changes "
                 "of the test loss"
             )
+        if lds.subsets:
+            from lightning_fastif.lds import evaluate_lds
+
+            result["lds"] = evaluate_lds(im, datamodule, query_set, collate, lds, Path(output_dir) / "lds")
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(result, indent=2))
