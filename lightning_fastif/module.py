@@ -543,7 +543,18 @@ class InfluenceModule(pl.LightningModule):
             if len(keep) < n:
                 batch = slice_batch(batch, torch.tensor(keep))
                 query_ids = [query_ids[i] for i in keep]
+        if getattr(self, "group_queries", False):  # one result for the mean loss of the batch's queries
+            return [self.explain_group(batch, query_ids)]
         return self.explain(batch, query_ids)
+
+    def explain_group(self, batch: Any, query_ids: Sequence[int] | None = None) -> InfluenceResult:
+        """One result for the mean loss of ``batch`` (a group query: one s_test); its ``group`` lists the members.
+
+        See :func:`lightning_fastif.applications.group.explain_group`.
+        """
+        from lightning_fastif.applications.group import explain_group
+
+        return explain_group(self, batch, query_ids)
 
     def explain(self, batch: Any, query_ids: Sequence[int] | None = None) -> list[InfluenceResult]:
         """:meth:`predict_step` without a Trainer: results for every example of ``batch``."""
