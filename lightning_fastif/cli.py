@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Subset
 
+from lightning_fastif.applications.correct import SliceSpec
 from lightning_fastif.callbacks import FeatureIndexCallback, InfluenceWriter
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver, Solver
@@ -41,6 +42,8 @@ class QuerySelection:
         ids: query ids (positions in the split), for ``select: ids``.
         n: at most this many queries (for ``misclassified`` and ``first``).
         batch_size: queries per predict batch.
+        group: explain the selected queries as one group: one s_test for their mean loss, one result whose
+            ``group`` lists the members (all queries in one batch).
     """
 
     split: str = "test"
@@ -48,6 +51,7 @@ class QuerySelection:
     ids: list[int] | None = None
     n: int = 10
     batch_size: int = 16
+    group: bool = False
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "val", "test", "predict"):
@@ -254,6 +258,7 @@ class InfluenceTrainer(pl.Trainer):
         score_batch_size: int = 256,
         image_shape: list[int] | None = None,
         report: bool = True,
+        pool: str | None = None,
     ) -> list[Any]:
         """Rank the most helpful and most harmful training examples of a set of queries, and write the results.
 
@@ -275,6 +280,9 @@ class InfluenceTrainer(pl.Trainer):
             score_batch_size: batch size of candidate scoring and Hessian passes.
             image_shape: reshape flat inputs into images in the reports (default: the datamodule's image_shape).
             report: write report.html and the W&B table.
+            pool: candidate pool other than the training set: a datamodule split (val, test, predict) searched and
+                scored instead (the curvature still comes from the training set); ids then refer to it and every
+                record says ``extra.pool``; its index is built in memory.
         """
         im = self._influence_module(
             model, datamodule, ckpt_path, index_dir, solver, params, num_candidates, top_k, score_batch_size
@@ -286,6 +294,10 @@ class InfluenceTrainer(pl.Trainer):
                 "lightning_fastif: no queries selected (no misclassified examples?): nothing to explain"
             )
             return []
+        if queries.group or pool is not None:  # group queries, candidate pools: lightning_fastif.applications
+            from lightning_fastif.applications._cli import prepare_influence
+
+            im = prepare_influence(im, datamodule, queries.group, pool)
         out = Path(output_dir)
         self.callbacks.append(InfluenceWriter(out))
         if report:
@@ -300,7 +312,11 @@ class InfluenceTrainer(pl.Trainer):
         start = time.perf_counter()
         batches = self.predict(
             im,
-            dataloaders=DataLoader(Subset(query_set, ids), batch_size=queries.batch_size, collate_fn=collate),
+            dataloaders=DataLoader(
+                Subset(query_set, ids),
+                batch_size=len(ids) if queries.group else queries.batch_size,
+                collate_fn=collate,
+            ),
         )
         results = [r for b in batches or [] for r in b]
         rank_zero_info(
@@ -460,6 +476,71 @@ class InfluenceTrainer(pl.Trainer):
         run_self_influence(self, im, ids, batch_size=score_batch_size, on_done=write)
         return records
 
+    def correct(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        output_dir: str = "outputs/correct",
+        solver: Solver | None = None,
+        params: list[str] | None = None,
+        num_candidates: int | None = 100,
+        slice: SliceSpec | None = None,
+        steps: int = 5,
+        anchors_per_step: int = 4,
+        examples_per_step: int = 8,
+        lr: float = 0.05,
+        seeds: list[int] = [0, 1, 2],  # noqa: B006
+        methods: list[str] = ["helpful", "random", "harmful", "anchors"],  # noqa: B006
+        pool: str | None = None,
+        score_batch_size: int = 256,
+        report: bool = True,
+    ) -> dict[str, Any]:
+        """FastIF's error correction: fine-tune on the most helpful examples of a failing slice, against baselines.
+
+        Each step samples anchors from the slice, takes the most helpful examples of their mean loss among the
+        anchors' kNN candidates and makes one SGD step on the selected parameters; baselines (random, most harmful,
+        the anchors themselves) run under the same seeds. Writes ``output_dir/correction.json``, ``report.html``,
+        ``corrected.ckpt`` (the helpful run of the first seed; usable as ``ckpt_path`` of ``influence``) and, with a
+        logger, the per-step accuracies (a W&B table too).
+
+        Args:
+            model: the trained model (weights loaded from ``ckpt_path``; never changed: every run fine-tunes a copy).
+            datamodule: provides the training set and the slice's split.
+            ckpt_path: checkpoint to load.
+            output_dir: where results go.
+            solver: AutoSolver, ExactSolver, CGSolver, LiSSASolver... (default as in ``influence``).
+            params: glob patterns of the parameters to differentiate and fine-tune (default: all trainable).
+            num_candidates: k nearest candidates per anchor (null: score the whole pool).
+            slice: the failing slice: ``{kind: pair, label: 3, predicted: 8}``, ``{kind: class, label: 3}`` or
+                ``{kind: ids, ids: [...]}``, with ``split`` and ``anchor_fraction``.
+            steps: SGD steps per run.
+            anchors_per_step: anchors sampled per step.
+            examples_per_step: examples fine-tuned on per step.
+            lr: SGD learning rate.
+            seeds: one run per seed and method (>= 3 for a spread).
+            methods: helpful, random, harmful, anchors.
+            pool: draw the examples from another split of the datamodule (e.g. val: data the model never trained
+                on); ids then refer to it.
+            score_batch_size: batch size of candidate scoring and Hessian passes.
+            report: write report.html.
+        """
+        from lightning_fastif.applications._cli import run_correct
+        from lightning_fastif.applications.correct import CorrectionSettings
+
+        settings = CorrectionSettings(
+            steps=steps,
+            anchors_per_step=anchors_per_step,
+            examples_per_step=examples_per_step,
+            lr=lr,
+            seeds=list(seeds),
+            methods=list(methods),
+        )
+        im = self._influence_module(
+            model, datamodule, ckpt_path, None, solver, params, num_candidates, 10, score_batch_size
+        )
+        return run_correct(self, im, datamodule, slice, settings, pool, output_dir, report)
+
 
 class FastIFCLI(LightningCLI):
     """Lightning's CLI with the ``index``, ``influence`` and ``evaluate`` subcommands."""
@@ -471,6 +552,7 @@ class FastIFCLI(LightningCLI):
             "index": {"model", "datamodule"},
             "influence": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
+            "correct": {"model", "datamodule"},
             "self-influence": {"model", "datamodule"},
         }
 

@@ -29,6 +29,8 @@ _EXPORTS = {
     "sgd_step": "correct",
     "write_correction_report": "report",
     "influence_map_svg": "influence_map",
+    "induce_confusion": "confusion",
+    "ConfusedDigitsDataModule": "confusion",
 }
 
 __all__ = sorted(_EXPORTS)

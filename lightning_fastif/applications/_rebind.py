@@ -22,6 +22,7 @@ _ATTRS = {
     "params": "param_patterns",
     "batch_size": "score_batch_size",
     "collate_fn": "_user_collate",
+    "curvature": "curvature_mode",
 }
 _SKIP = {"self", "model", "train_dataset", "loss_fn", "solver", "index"}
 
@@ -35,8 +36,13 @@ def module_settings(im: Any) -> dict[str, Any]:
         if name in _SKIP or par.kind in (par.VAR_POSITIONAL, par.VAR_KEYWORD):
             continue
         attr = _ATTRS.get(name, name)
-        if hasattr(im, attr):
-            out[name] = getattr(im, attr)
+        value = getattr(im, attr, par.default)
+        if (
+            inspect.ismethod(value) and value.__self__ is im
+        ):  # a method of the same name, not a stored setting
+            continue
+        if value is not inspect.Parameter.empty:
+            out[name] = value
     if getattr(im, "_feature_layer_name", None) and out.get("feature_layer") is None:
         out["feature_layer"] = im._feature_layer_name
     out["loss_fn"] = getattr(im.loss, "loss_fn", None)

@@ -34,7 +34,6 @@ from lightning_fastif.applications._rebind import rebind
 from lightning_fastif.applications.group import group_candidates, group_s_test
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import call_model, fetch, labels_of, logits_of, move_to
-from lightning_fastif.functional.losses import resolve_loss
 from lightning_fastif.functional.params import select_params
 
 __all__ = [
@@ -406,7 +405,6 @@ def correct(
             f"Expected `examples_per_step` to be at most the pool size {len(pool)}, but got {settings.examples_per_step}."
         )
     index, feature_layer = _fixed_index(im) if _needs_candidates(im, settings) else (None, None)
-    loss_fn = getattr(im.loss, "loss_fn", None)
     splits: list[tuple[list[int], list[int]]] = []
     anchors: list[list[list[int]]] = []
     for seed in settings.seeds:
@@ -432,7 +430,7 @@ def correct(
         selected[method] = []
         for s_i, seed in enumerate(settings.seeds):
             model = copy.deepcopy(im.model)  # every run fine-tunes its own copy
-            loss = resolve_loss(model, loss_fn)
+            loss = rebind(im, model, index=index).loss  # the user's loss (and forward), resolved for the copy
             held = splits[s_i][1]
             acc_s = [_accuracy(model, test_dataset, held, collate, bs)]
             acc_t = [_accuracy(model, test_dataset, None, collate, bs)]
