@@ -204,8 +204,8 @@ def _module(model, ds, params, k, candidates="gradients", index=None, **kw):
     ("params", "sketch", "k"),
     [
         (["head.*"], {}, 20),
-        (None, {"method": "kronecker", "dim": 512}, 60),
-        (None, {"method": "dense", "dim": 256}, 60),
+        (None, {"method": "kronecker", "dim": 512}, 100),
+        (None, {"method": "dense", "dim": 256}, 100),
     ],
 )
 def test_gradient_candidates_hold_the_full_scan_top_and_scores_are_exact(trained, params, sketch, k):
@@ -383,3 +383,84 @@ def test_gradient_index_built_under_ddp_equals_one_process(trained, tmp_path):
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+@pytest.mark.slow
+def test_cli_index_influence_and_evaluate_in_gradient_space(tmp_path, capsys):
+    from pathlib import Path
+
+    from lightning_fastif.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    common = [
+        "-c",
+        str(configs / "digits.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+    ]
+    quiet = ["--trainer.enable_progress_bar=false"]
+    main(["fit", *common, "-c", str(configs / "digits_fit.yaml"), "--trainer.max_epochs=1", *quiet])
+    ckpt = f"--ckpt_path={tmp_path / 'checkpoints' / 'model.ckpt'}"
+    main(
+        ["index", *common, ckpt, f"--index_dir={tmp_path / 'grad'}", "--space=gradients", "--sketch_dim=256"]
+    )
+    meta = json.loads((tmp_path / "grad" / "meta.json").read_text())
+    assert meta["space"] == "gradients" and meta["sketch"]["method"] == "kronecker"
+    main(
+        [
+            "influence",
+            *common,
+            "-c",
+            str(configs / "digits_influence.yaml"),
+            f"--index_dir={tmp_path / 'grad'}",
+            "--candidates=gradients",
+            "--num_candidates=100",
+            "--solver.init_args.depth=20",
+            "--solver.init_args.repeats=1",
+            "--queries.n=2",
+            "--report=false",
+            *quiet,
+        ]
+    )
+    lines = [json.loads(x) for x in (tmp_path / "influence" / "influence.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(r["extra"]["candidates"] == "gradients" for r in lines)
+    # the feature-space folder of the fit is refused for gradient candidates
+    with pytest.raises(SystemExit):  # the CLI prints the error in one line and exits with 2
+        main(
+            [
+                "influence",
+                *common,
+                "-c",
+                str(configs / "digits_influence.yaml"),
+                "--candidates=gradients",
+                "--solver.init_args.depth=20",
+                "--queries.n=1",
+                "--report=false",
+                *quiet,
+            ]
+        )
+    assert "features-space candidates, but candidates='gradients'" in capsys.readouterr().err
+    main(
+        [
+            "evaluate",
+            *common,
+            "-c",
+            str(configs / "digits_evaluate.yaml"),
+            "--queries.n=2",
+            "--ks=[10,100]",
+            "--loo_removals=0",
+            "--solver.init_args.depth=20",
+            *quiet,
+        ]
+    )
+    ev = json.loads((tmp_path / "evaluate" / "evaluation.json").read_text())
+    rows = ev["candidate_recall"]["rows"]
+    assert {(r["space"], r["k"]) for r in rows} == {
+        (s, k) for s in ("features", "gradients") for k in (10, 100)
+    }
+    assert {r["queries"] for r in rows} == {"all", "misclassified", "correct"}
+    head_all = [r for r in rows if r["space"] == "gradients" and r["queries"] == "all" and r["k"] == 100]
+    assert (
+        head_all[0]["recall_helpful"] == 1.0
+    )  # params ["head.*"]: exact head sketches, top-10 within k/2 = 50
