@@ -464,3 +464,13 @@ def test_cli_index_influence_and_evaluate_in_gradient_space(tmp_path, capsys):
     assert (
         head_all[0]["recall_helpful"] == 1.0
     )  # params ["head.*"]: exact head sketches, top-10 within k/2 = 50
+
+
+def test_results_and_html_report_say_which_candidate_space_was_used(trained):
+    from lightning_fastif.reporting.html import render_html_report
+
+    model, ds, (xq, yq) = trained
+    results = _module(model, ds, ["head.*"], 20).explain((xq[:1], yq[:1]))
+    assert results[0].to_dict()["extra"]["candidates"] == "gradients"
+    html = render_html_report(results, ds, TensorDataset(xq[:1], yq[:1]))
+    assert "<th>candidate space</th><td>gradients</td>" in html
