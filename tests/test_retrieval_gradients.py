@@ -474,3 +474,21 @@ def test_results_and_html_report_say_which_candidate_space_was_used(trained):
     assert results[0].to_dict()["extra"]["candidates"] == "gradients"
     html = render_html_report(results, ds, TensorDataset(xq[:1], yq[:1]))
     assert "<th>candidate space</th><td>gradients</td>" in html
+
+
+def test_ivf_and_hnsw_inner_product_indexes_agree_with_the_exact_search(trained):
+    model, ds, _ = trained
+    loss = resolve_loss(model)
+    flat = build_gradient_index(model, ds, loss, None, "kronecker", dim=128)
+    s = torch.randn(3, flat.sketcher.spec.numel)
+    _, want = flat.candidates(s, 40)
+    ivf = build_gradient_index(model, ds, loss, None, "kronecker", dim=128, factory="IVF4,Flat", nprobe=4)
+    _, got = ivf.candidates(s, 40)  # every list probed: exact
+    assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]
+    hnsw = build_gradient_index(model, ds, loss, None, "kronecker", dim=128, factory="HNSW16", ef_search=240)
+    _, got = hnsw.candidates(s, 40)
+    overlap = [len(set(a) & set(b)) / 40 for a, b in zip(got.tolist(), want.tolist())]
+    assert min(overlap) >= 0.9, overlap
+    torch_index = build_gradient_index(model, ds, loss, None, "kronecker", dim=128, backend="torch")
+    _, got = torch_index.candidates(s, 40)
+    assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]
