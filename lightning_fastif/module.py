@@ -566,7 +566,7 @@ class InfluenceModule(pl.LightningModule):
             losses = self.loss(spec.unflatten(theta), batch).detach()
             outputs = self.loss.outputs(batch) if self.loss.source != "per_example_loss" else None
         labels = labels_of(batch)
-        preds = _predictions(outputs, self.loss, n)
+        preds = _predictions(outputs, self.loss, n, labels)
         s = self.s_test(batch)
         distances: Tensor | None = None
         candidates: Tensor | None = None
@@ -613,22 +613,22 @@ def _plain_value(value: Tensor) -> int | float | list[Any]:
     return value.tolist()
 
 
-def _predictions(outputs: Any, loss: Any, n: int) -> list[Any] | None:
+def _predictions(outputs: Any, loss: Any, n: int, labels: Tensor | None = None) -> list[Any] | None:
     """Per query: the predicted class (argmax of ``[B, C]`` logits) for a classification loss; the model's output
-    (a float, or a list for a vector output) for a regression loss; None when the output cannot be read."""
+    (a float, or a list for a vector output) for a regression (a regression loss on the model, or float targets);
+    None when the output cannot be read."""
     if outputs is None:
         return None
-    if loss.source == "classification" or (loss.module_loss is not None and loss.module_loss.classes):
-        logits = logits_of(outputs)
-        if logits is None or logits.dim() != 2 or logits.shape[0] != n:
-            return None
-        return [int(i) for i in logits.argmax(-1).tolist()]
     out = logits_of(outputs)
     if out is None or out.dim() == 0 or out.shape[0] != n or not out.is_floating_point():
         return None
-    if loss.module_loss is not None:  # a regression loss on the model: the output is the prediction
-        return [_plain_value(out[i]) for i in range(n)]
-    if out.dim() == 2 and out.shape[1] > 1 and loss.source == "loss_fn":  # a user loss: logits-shaped output
+    classes = loss.source == "classification" or (loss.module_loss is not None and loss.module_loss.classes)
+    regression = (loss.module_loss is not None and not loss.module_loss.classes) or (
+        labels is not None and labels.is_floating_point() and not classes
+    )
+    if regression:  # the output is the prediction
+        return [_plain_value(out[i].squeeze(-1) if out.dim() == 2 and out.shape[1] == 1 else out[i]) for i in range(n)]
+    if out.dim() == 2 and (classes or loss.source == "loss_fn"):  # logits [B, C]
         return [int(i) for i in out.argmax(-1).tolist()]
     return None
 

@@ -327,3 +327,60 @@ def test_index_built_on_other_training_data_of_the_same_length_is_refused(tmp_pa
         lf.InfluenceModule(
             model, sub2, num_candidates=5, index=tmp_path / "sub", progress=False
         ).candidate_index()
+
+
+def test_multi_output_regression_with_loss_fn_keeps_vectors_end_to_end():
+    model, train, query = regression_net(outputs=2, n_train=24, steps=10)
+    del model.criterion  # the loss comes from loss_fn alone
+
+    def mse(out, b):
+        return ((out - b[1]) ** 2).mean(1)
+
+    im = lf.InfluenceModule(
+        model,
+        train,
+        loss_fn=mse,
+        params=["head.*"],
+        solver=lf.ExactSolver(damping=DAMP),
+        num_candidates=None,
+        top_k=3,
+    )
+    ref = reference_influence(
+        model, train, query, lambda m, b: mse(m(b[0]), b), ["head.weight", "head.bias"], DAMP
+    )
+    for q, r in enumerate(im.explain(query)):
+        assert isinstance(r.label, list) and len(r.label) == 2
+        assert isinstance(r.prediction, list) and all(isinstance(v, float) for v in r.prediction)
+        assert _close(r.helpful_scores + r.harmful_scores, ref[q, r.helpful_ids + r.harmful_ids])
+
+
+@pytest.mark.parametrize("kind", ["weighted_ce", "bce_multilabel"])
+def test_other_loss_modules_on_the_model_keep_their_settings(kind):
+    model, train, query = smoothed_net(n_train=24, steps=5)
+    x, y = train.tensors
+    if kind == "weighted_ce":
+        w = torch.linspace(0.5, 2.0, 10)
+        model.criterion = torch.nn.CrossEntropyLoss(weight=w)
+
+        def ref_loss(m, b):
+            return F.cross_entropy(m(b[0]), b[1], weight=w.to(torch.float64), reduction="none")
+
+        want = "CrossEntropyLoss(weight=["
+    else:
+        pos = torch.full((10,), 3.0)
+        model.criterion = torch.nn.BCEWithLogitsLoss(pos_weight=pos)
+        train = TensorDataset(x, F.one_hot(y, 10).float())
+        query = (query[0], F.one_hot(query[1], 10).float())
+
+        def ref_loss(m, b):
+            return F.binary_cross_entropy_with_logits(
+                m(b[0]), b[1], pos_weight=pos.to(torch.float64), reduction="none"
+            ).mean(1)
+
+        want = "BCEWithLogitsLoss(pos_weight=["
+    im = lf.InfluenceModule(
+        model, train, params=["head.*"], solver=lf.ExactSolver(damping=DAMP), num_candidates=None
+    )
+    assert im.loss.description.startswith(want) and im.loss.description.endswith("from model.criterion")
+    ref = reference_influence(model, train, query, ref_loss, ["head.weight", "head.bias"], DAMP)
+    assert _close(im.influence(query), ref)
