@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "InfluenceReport": "lightning_fastif.reporting.callback",
     "InfluenceStrategy": "lightning_fastif.strategy",
     "approximation_diagnostics": "lightning_fastif.diagnostics",
+    "set_num_threads": "lightning_fastif.threads",
     "self_influence": "lightning_fastif.self_influence",
 }
 
@@ -44,6 +45,7 @@ __all__ = [
     "__version__",
     "approximation_diagnostics",
     "self_influence",
+    "set_num_threads",
 ]
 
 

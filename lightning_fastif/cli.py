@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -93,15 +93,52 @@ def _dataset_of(datamodule: pl.LightningDataModule | None, split: str) -> tuple[
     return dataset, getattr(loader, "collate_fn", None)
 
 
+def check_checkpoint_file(ckpt_path: str | os.PathLike[str]) -> Path:
+    """``ckpt_path`` as a ``Path`` when it is a file ``torch.save`` wrote (zip, or a legacy pickle), else a clear
+    ConfigurationError (torch's own error for a text file is ``KeyError: 101`` or an unpickling message)."""
+    import zipfile
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigurationError(
+            f"Expected `ckpt_path` to be an existing checkpoint file, but got {str(ckpt_path)!r}"
+            + (" (a folder)." if path.is_dir() else " (no such file).")
+        )
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        shown = head[:40].decode("utf-8", "replace").splitlines()[0] if head else "an empty file"
+        raise ConfigurationError(
+            f"Expected `ckpt_path` to be a checkpoint written by Lightning or torch.save (a .ckpt), but "
+            f"{str(ckpt_path)!r} is not one (it starts with {shown!r})."
+        )
+    return path
+
+
+def _index_readable(index_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``load_index`` can read ``index_dir``: the folder, or the complete leftover of an interrupted swap."""
+    from lightning_fastif.retrieval._files import leftovers
+
+    path = Path(index_dir)
+    return path.exists() or bool(leftovers(path))
+
+
+def _check_run_arguments(output_dir: str | None = None, **positive: Any) -> None:
+    """Model-free arguments of a subcommand, checked before the checkpoint, data or index are loaded."""
+    from lightning_fastif._runtime import check_positive_int
+    from lightning_fastif.reporting._paths import check_output_dir
+
+    for name, value in positive.items():
+        check_positive_int(name, value)
+    if output_dir is not None:
+        check_output_dir(output_dir, "output_dir")
+
+
 def load_weights(model: torch.nn.Module, ckpt_path: str | os.PathLike[str] | None) -> None:
     """Load a Lightning checkpoint's weights into ``model``, with an error that says what does not match."""
     if ckpt_path is None:
         return
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigurationError(
-            f"Expected `ckpt_path` to be an existing checkpoint file, but got {str(ckpt_path)!r}."
-        )
+    path = check_checkpoint_file(ckpt_path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
@@ -194,6 +231,7 @@ class InfluenceTrainer(pl.Trainer):
             ef_search: HNSW search depth.
             batch_size: batch size of the feature pass.
         """
+        _check_run_arguments(batch_size=batch_size)
         load_weights(model, ckpt_path)
         train, collate = _dataset_of(datamodule, "train")
         cb = FeatureIndexCallback(
@@ -226,7 +264,7 @@ class InfluenceTrainer(pl.Trainer):
     ) -> InfluenceModule:
         load_weights(model, ckpt_path)
         train, collate = _dataset_of(datamodule, "train")
-        if index_dir is not None and num_candidates is not None and not Path(index_dir).exists():
+        if index_dir is not None and num_candidates is not None and not _index_readable(index_dir):
             raise ConfigurationError(
                 f"Expected `index_dir` to be an index folder (run `lightning-fastif index` or fit with "
                 f"FeatureIndexCallback first), but {index_dir!r} does not exist."
@@ -284,6 +322,7 @@ class InfluenceTrainer(pl.Trainer):
                 scored instead (the curvature still comes from the training set); ids then refer to it and every
                 record says ``extra.pool``; its index is built in memory.
         """
+        _check_run_arguments(output_dir, score_batch_size=score_batch_size, top_k=top_k)
         im = self._influence_module(
             model, datamodule, ckpt_path, index_dir, solver, params, num_candidates, top_k, score_batch_size
         )
@@ -368,6 +407,7 @@ class InfluenceTrainer(pl.Trainer):
         from lightning_fastif.evaluation import leave_one_out_check, solver_agreement
         from lightning_fastif.functional.batch import fetch
 
+        _check_run_arguments(output_dir, score_batch_size=score_batch_size)
         im = self._influence_module(
             model, datamodule, ckpt_path, index_dir, solver, params, max(ks), 10, score_batch_size
         )
@@ -545,6 +585,38 @@ class InfluenceTrainer(pl.Trainer):
 class FastIFCLI(LightningCLI):
     """Lightning's CLI with the ``index``, ``influence`` and ``evaluate`` subcommands."""
 
+    parsers: ClassVar[dict[str, Any]] = {}  # subcommand -> its parser (for "did you mean" after a parse error)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        from lightning_fastif._cli_support import own_groups_first
+
+        kwargs.setdefault("exit_on_error", False)  # main() prints the one clear line (no usage dump)
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand not in LightningCLI.subcommands():  # the library's own options first in --help
+            own_groups_first(parser, self._subcommand_method_arguments.get(subcommand, []))
+        FastIFCLI.parsers[subcommand] = parser
+        return parser
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        from lightning_fastif._cli_support import stderr_is_interactive
+
+        if not stderr_is_interactive():  # output to a file or CI: no per-step progress bar updates
+            parser.set_defaults({"trainer.enable_progress_bar": False})
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the checkpoint's hyper-parameters here: a file that is no checkpoint is a clear error."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(ckpt).exists():  # a missing file is reported by the subcommand, after cheaper checks
+            check_checkpoint_file(ckpt)
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            raise ConfigurationError(
+                f"Expected `ckpt_path` to be a Lightning checkpoint, but reading its hyper-parameters from "
+                f"{str(ckpt)!r} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            ) from err
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {
@@ -562,19 +634,49 @@ setattr(InfluenceTrainer, "self-influence", InfluenceTrainer.self_influence)
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning-fastif``."""
-    if args is None and len(sys.argv) == 1:
-        args = ["--help"]
-    FastIFCLI(
-        model_class=pl.LightningModule,
-        subclass_mode_model=True,
-        datamodule_class=pl.LightningDataModule,
-        subclass_mode_data=True,
-        trainer_class=InfluenceTrainer,
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
+    """Entry point of ``lightning-fastif``.
+
+    Besides Lightning's arguments: ``--threads N|auto`` (CPU threads of torch and FAISS; default ``auto``: the
+    cores not already busy, at most 4, or ``OMP_NUM_THREADS`` when set) and ``--debug`` (a traceback with errors;
+    also ``LIGHTNING_FASTIF_DEBUG=1``). An error prints one line (exit code 2 for usage and configuration errors).
+    """
+    from lightning_fastif._cli_support import (
+        UsageError,
+        debug_requested,
+        describe,
+        pop_option,
+        quiet_lightning_tips,
     )
+    from lightning_fastif.threads import set_num_threads
+
+    quiet_lightning_tips()
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = debug_requested(argv)
+    if debug:
+        os.environ["LIGHTNING_FASTIF_DEBUG"] = "1"  # DDP ranks re-run the command without the flag
+    try:
+        threads = pop_option(argv, "--threads")
+        if args is None:  # Lightning reads sys.argv (and DDP's popen re-runs it): keep only its own arguments
+            sys.argv[1:] = argv or ["--help"]
+        set_num_threads("auto" if threads is None else threads)
+        FastIFCLI(
+            model_class=pl.LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=pl.LightningDataModule,
+            subclass_mode_data=True,
+            trainer_class=InfluenceTrainer,
+            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
+            save_config_kwargs={"overwrite": True},
+            args=None if args is None else (argv or ["--help"]),
+        )
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except (Exception, UsageError) as err:
+        if debug:
+            raise
+        code, text = describe(err, argv, FastIFCLI.parsers)
+        print(text, file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,13 @@ def _run(*args):
     main([str(a) for a in args])
 
 
+@pytest.fixture(autouse=True)
+def _debug(monkeypatch):
+    """Errors propagate as exceptions here (LIGHTNING_FASTIF_DEBUG=1); tests/test_cli_errors.py checks what a
+    person sees without it."""
+    monkeypatch.setenv("LIGHTNING_FASTIF_DEBUG", "1")
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """fit (with the index callback) on digits, once for the module: a few epochs only."""
@@ -102,7 +109,8 @@ def test_index_subcommand_rebuilds_the_fit_index(digits_run, tmp_path):
     assert a["model_fingerprint"] == b["model_fingerprint"] and a["ntotal"] == b["ntotal"]
 
 
-def test_unknown_config_key_is_a_parser_error_not_a_traceback(digits_run, capsys):
+def test_unknown_config_key_is_a_parser_error_not_a_traceback(digits_run, capsys, monkeypatch):
+    monkeypatch.delenv("LIGHTNING_FASTIF_DEBUG")
     with pytest.raises(SystemExit) as exc:
         _run(*_influence_args(digits_run, "--num_candidatez=5"))
     assert exc.value.code != 0
@@ -124,6 +132,23 @@ def test_checkpoint_that_does_not_match_the_model(digits_run, tmp_path):
 def test_index_folder_that_does_not_exist(digits_run, tmp_path):
     with pytest.raises(ConfigurationError, match="`index_dir`.*does not exist"):
         _run(*_influence_args(digits_run, f"--index_dir={tmp_path / 'missing'}", "--trainer.logger=false"))
+
+
+def test_index_folder_recoverable_from_its_old_sibling_is_accepted(digits_run, tmp_path):
+    import shutil
+
+    # a save killed between its two renames leaves only the complete old folder, hidden beside the index path
+    shutil.copytree(digits_run / "index", tmp_path / ".index.old-999999-abc123")
+    _run(
+        *_influence_args(
+            digits_run,
+            f"--index_dir={tmp_path / 'index'}",
+            f"--output_dir={tmp_path / 'out'}",
+            "--trainer.logger=false",
+            "--queries.n=1",
+        )
+    )
+    assert len((tmp_path / "out" / "influence.jsonl").read_text().splitlines()) == 1
 
 
 def test_query_id_out_of_range(digits_run):

@@ -1,0 +1,177 @@
+"""How ``lightning-fastif`` meets a person: errors as one clear line, ``--help`` with the library's options first,
+"did you mean" for typos, ``--threads`` and ``--debug`` (both read before the Lightning parser sees the arguments).
+
+Kept apart from ``cli.py`` so that the parsing of these few flags and the error formatting import nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+DEBUG_ENV = "LIGHTNING_FASTIF_DEBUG"
+USAGE_EXIT = 2  # usage and configuration errors, as argparse
+FAILURE_EXIT = 1
+
+
+def pop_flag(argv: list[str], flag: str) -> bool:
+    """Remove every ``flag`` from ``argv``; whether it was there."""
+    found = flag in argv
+    argv[:] = [a for a in argv if a != flag]
+    return found
+
+
+def pop_option(argv: list[str], name: str) -> str | None:
+    """Remove ``name VALUE`` / ``name=VALUE`` from ``argv`` and return the last value (None when absent)."""
+    value, out, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == name:
+            if i + 1 >= len(argv):
+                raise UsageError(f"Expected a value after `{name}` (a positive int or 'auto'), but got none.")
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+        i += 1
+    argv[:] = out
+    return value
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """``--debug`` on the command line (removed from ``argv``) or ``LIGHTNING_FASTIF_DEBUG=1``."""
+    flag = pop_flag(argv, "--debug")
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class UsageError(Exception):
+    """A command-line mistake caught before Lightning's parser (exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _chain(err: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+
+
+def _options(parser: Any) -> list[str]:
+    """Every long option of a (jsonargparse) parser, nested groups included."""
+    names: list[str] = []
+    for action in getattr(parser, "_actions", []):
+        names += [s for s in getattr(action, "option_strings", []) if s.startswith("--")]
+    return names
+
+
+def did_you_mean(unknown: str, parser: Any) -> str | None:
+    """The closest option of ``parser`` to ``unknown`` (``--top_kk=3`` -> ``--top_k``), or None."""
+    key = unknown.split("=", 1)[0]
+    if not key.startswith("--"):
+        return None
+    options = [o for o in _options(parser) if not o.endswith(".help")]
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.75)
+    if not close:  # a typo inside a nested key: compare the last part within the same prefix
+        prefix, _, last = key.rpartition(".")
+        same = [o for o in options if o.rpartition(".")[0] == prefix]
+        tails = difflib.get_close_matches(last, [o.rpartition(".")[2] for o in same], n=1, cutoff=0.6)
+        close = [f"{prefix}.{tails[0]}"] if tails and prefix else []
+    return close[0] if close else None
+
+
+def describe(err: BaseException, argv: list[str], parsers: dict[str, Any]) -> tuple[int, str]:
+    """``(exit code, the message to print)`` for an error that ended the command."""
+    from lightning_fastif.errors import (
+        ConfigurationError,
+        FastIFError,
+        IndexCorruptError,
+        IndexMismatchError,
+        LossResolutionError,
+    )
+
+    subcommand = next((a for a in argv if a in parsers), None)
+    prog = f"lightning-fastif {subcommand}" if subcommand else "lightning-fastif"
+    ours = next((e for e in _chain(err) if isinstance(e, FastIFError)), None)
+    if ours is not None:
+        usage = isinstance(
+            ours, (ConfigurationError, IndexMismatchError, IndexCorruptError, LossResolutionError)
+        )
+        return (USAGE_EXIT if usage else FAILURE_EXIT), f"{prog}: error: {ours}"
+    if isinstance(err, UsageError):
+        return USAGE_EXIT, f"{prog}: error: {err}"
+    if isinstance(err, argparse.ArgumentError) or type(err).__name__ == "ArgumentError":
+        text = _clean_parser_message(str(err))
+        match = re.search(r"[Uu]nrecognized arguments: (.+)", text)
+        if match:
+            hints = []
+            parser = parsers.get(subcommand) if subcommand else None
+            for unknown in match.group(1).split():
+                guess = did_you_mean(unknown, parser) if parser is not None else None
+                if guess:
+                    hints.append(f"did you mean {guess}?")
+            text = "unrecognized arguments: " + match.group(1) + ("; " + " ".join(hints) if hints else "")
+        return USAGE_EXIT, f"{prog}: error: {text}\n(see `{prog} --help`)"
+    name = type(err).__module__.split(".")[0]
+    if name == "lightning" and type(err).__name__ == "MisconfigurationException":
+        return USAGE_EXIT, f"{prog}: error: {err}"
+    return FAILURE_EXIT, (
+        f"{prog}: error: {type(err).__name__}: {err}\n"
+        f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+    )
+
+
+def _clean_parser_message(text: str) -> str:
+    """jsonargparse's message without the lines that repeat the whole configuration."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    keep = [line for line in lines if not line.lstrip().startswith(("- ", "Given value type", "tip:"))]
+    return " ".join(part.strip() for part in (keep or lines)[:4])
+
+
+# ------------------------------------------------------------------------------------------------ help
+def own_groups_first(parser: Any, own: Iterable[str]) -> None:
+    """Move the argument groups of the subcommand's own arguments ahead of Lightning's trainer, model and data
+    groups, and shorten the usage line (argparse lists every one of the ~100 options in it otherwise)."""
+    roots = set(own)
+    groups = list(getattr(parser, "_action_groups", []))
+
+    def is_own(group: Any) -> bool:
+        dests = [str(getattr(a, "dest", "")) for a in getattr(group, "_group_actions", [])]
+        return bool(dests) and all(d.split(".")[0] in roots for d in dests)
+
+    head = [g for g in groups if getattr(g, "title", None) in ("positional arguments", "options")]
+    mine = [g for g in groups if g not in head and is_own(g)]
+    if not mine:
+        return
+    rest = [g for g in groups if g not in head and g not in mine]
+    parser._action_groups = head + mine + rest
+    parser.usage = "%(prog)s [-c CONFIG] [--OPTION VALUE ...]   (the subcommand's options first, then Lightning's)"
+
+
+def stderr_is_interactive() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _DropTips:
+    """A logging filter that drops Lightning's advertising line (printed on every Trainer construction)."""
+
+    def filter(self, record: Any) -> bool:
+        return "litlogger" not in str(record.getMessage())
+
+
+def quiet_lightning_tips() -> None:
+    import logging
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())

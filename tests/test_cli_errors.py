@@ -1,0 +1,136 @@
+"""The command line as a person meets it (issue 9, items 15 and 16): one clear line per error, exit code 2 for
+usage and configuration errors, a traceback only with --debug, "did you mean" for typos, the library's options
+first in --help, and --threads. None of these needs a trained model: each fails before one would be loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_fastif.cli import main
+from lightning_fastif.threads import default_threads, set_num_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("LIGHTNING_FASTIF_DEBUG", raising=False)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _influence(tmp_path, *extra):
+    return [
+        "influence",
+        "-c",
+        str(CONFIGS / "digits.yaml"),
+        "-c",
+        str(CONFIGS / "digits_influence.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        *extra,
+    ]
+
+
+def _fails(capsys, argv) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "usage:" not in err, err
+    return exc.value.code, err
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("lightning-fastif")]
+
+
+def test_a_typo_says_did_you_mean_in_one_line_with_exit_code_2(tmp_path, capsys):
+    code, err = _fails(capsys, _influence(tmp_path, "--top_kk=3"))
+    assert code == 2
+    (line,) = _error_lines(err)
+    assert line == (
+        "lightning-fastif influence: error: unrecognized arguments: --top_kk=3; did you mean --top_k?"
+    )
+    code, err = _fails(capsys, _influence(tmp_path, "--queries.splt=test"))
+    assert code == 2 and "did you mean --queries.split?" in err
+
+
+def test_debug_flag_and_env_give_the_traceback(tmp_path, monkeypatch):
+    with pytest.raises(Exception, match="unrecognized arguments"):
+        main(["--debug", *_influence(tmp_path, "--top_kk=3")])
+    monkeypatch.setenv("LIGHTNING_FASTIF_DEBUG", "1")
+    with pytest.raises(Exception, match="unrecognized arguments"):
+        main(_influence(tmp_path, "--top_kk=3"))
+
+
+def test_score_batch_size_zero_is_reported_under_its_own_name(tmp_path, capsys):
+    code, err = _fails(capsys, _influence(tmp_path, "--score_batch_size=0"))
+    assert code == 2
+    assert _error_lines(err) == [
+        "lightning-fastif influence: error: Expected `score_batch_size` to be a positive int, but got 0."
+    ]
+
+
+def test_a_text_file_as_checkpoint_is_a_clear_error_not_a_key_error(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("epoch 3 looked good\n")
+    code, err = _fails(capsys, _influence(tmp_path, f"--ckpt_path={text}"))
+    assert code == 2 and "KeyError" not in err and "Unpickl" not in err
+    (line,) = _error_lines(err)
+    assert "`ckpt_path` to be a checkpoint written by Lightning or torch.save" in line
+    assert "'epoch 3 looked good'" in line
+
+
+def test_an_output_dir_that_is_a_file_fails_before_the_checkpoint_is_read(tmp_path, capsys):
+    blocker = tmp_path / "results"
+    blocker.write_text("x")
+    code, err = _fails(capsys, _influence(tmp_path, f"--output_dir={blocker}", "--ckpt_path=null"))
+    assert code == 2 and "`output_dir`" in err and "is an existing file" in err
+
+
+def test_a_configuration_error_at_run_time_exits_2_with_the_message_alone(tmp_path, capsys):
+    code, err = _fails(capsys, _influence(tmp_path, "--queries.split=foo"))
+    assert code == 2
+    assert _error_lines(err) == [
+        "lightning-fastif influence: error: Expected `queries.split` to be train, val, test or predict, "
+        "but got 'foo'."
+    ]
+
+
+def test_influence_help_lists_the_library_options_before_lightnings(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["influence", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    own = [out.index(f"  --{name} ") for name in ("ckpt_path", "index_dir", "output_dir", "top_k")]
+    assert max(own) < out.index("--trainer.accelerator") < out.index("--model ")
+    assert len(out.splitlines()[0]) < 160  # the usage line no longer lists every option
+
+
+def test_threads_option_sets_torch_threads_and_rejects_bad_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["--threads", "1", "influence", "--help"])
+    assert torch.get_num_threads() == 1
+    capsys.readouterr()
+    code, err = _fails(capsys, ["--threads=0", "influence", "--help"])
+    assert code == 2 and "`threads` to be a positive int or 'auto', but got '0'" in err
+    with pytest.raises(Exception, match="threads"):
+        set_num_threads(-2)
+
+
+def test_default_threads_counts_the_cores_not_already_busy(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    for load, want in ((0.0, 4), (5.2, 3), (7.9, 1), (30.0, 1)):
+        monkeypatch.setattr("os.getloadavg", lambda load=load: (load, load, load))
+        assert default_threads() == want, load
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert default_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's or a launcher's choice wins
+    assert default_threads() == 3
