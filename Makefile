@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
@@ -21,6 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 # The main job on the embedded default (scikit-learn's digits): fit + index, then influence + reports.
+# CPU threads need no setting: the CLI's --threads defaults to the cores not already busy (at most 4).
 demo: install
 	$(BIN)/lightning-fastif fit -c configs/digits.yaml -c configs/digits_fit.yaml
 	$(BIN)/lightning-fastif influence -c configs/digits.yaml -c configs/digits_influence.yaml
