@@ -25,12 +25,19 @@ _EXPORTS: dict[str, str] = {
     "InfluenceReport": "lightning_fastif.reporting.callback",
     "InfluenceStrategy": "lightning_fastif.strategy",
     "approximation_diagnostics": "lightning_fastif.diagnostics",
+    "CorrectionSettings": "lightning_fastif.applications.correct",
+    "SliceSpec": "lightning_fastif.applications.correct",
+    "PoolInfluenceModule": "lightning_fastif.applications.pool",
+    "group_influence": "lightning_fastif.applications.group",
+    "group_s_test": "lightning_fastif.applications.group",
+    "with_pool": "lightning_fastif.applications.pool",
     "set_num_threads": "lightning_fastif.threads",
     "self_influence": "lightning_fastif.self_influence",
 }
 
 __all__ = [
     "CGSolver",
+    "CorrectionSettings",
     "EKFACSolver",
     "ExactSolver",
     "FeatureIndexCallback",
@@ -42,10 +49,15 @@ __all__ = [
     "InfluenceWriter",
     "KFACSolver",
     "LiSSASolver",
+    "PoolInfluenceModule",
+    "SliceSpec",
     "__version__",
     "approximation_diagnostics",
+    "group_influence",
+    "group_s_test",
     "self_influence",
     "set_num_threads",
+    "with_pool",
 ]
 
 
