@@ -52,7 +52,7 @@ class DensePlan:
         matrix_bytes: the ``P x P`` matrix.
         graph_bytes: the measured autograd graph of one batch (tensors saved for backward).
         build_peak_bytes: matrix + graph + one chunk's working memory.
-        factor_peak_bytes: the factorisation's peak (two ``P x P`` matrices: the matrix and its factor).
+        factor_peak_bytes: the factorisation's peak (three ``P x P`` matrices: the matrix, its factor, the inverse).
         peak_bytes: the larger of the two: what the guard compares with the limit.
     """
 
@@ -62,7 +62,8 @@ class DensePlan:
         self.graph_bytes = graph_bytes
         self.per_vector_bytes = per_vector_bytes
         self.build_peak_bytes = matrix_bytes + graph_bytes + chunk_size * per_vector_bytes
-        self.factor_peak_bytes = 2 * matrix_bytes
+        # measured: the matrix, the Cholesky factor, and cholesky_inverse's working copy (LU: matrix, LU, pivots)
+        self.factor_peak_bytes = 3 * matrix_bytes
         self.peak_bytes = max(self.build_peak_bytes, self.factor_peak_bytes)
 
     def __repr__(self) -> str:

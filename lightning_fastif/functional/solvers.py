@@ -384,15 +384,21 @@ class Solver(abc.ABC):
             return curvature.with_mode(self.curvature)
         return curvature
 
-    def _report(self, advice: str = "") -> None:
-        """Warn (or raise, with ``strict``) when the last solve is not converged."""
+    def _report(self, advice: str = "", reason: str | None = None) -> None:
+        """Warn (or raise, with ``strict``) when the last solve is not converged.
+
+        Args:
+            advice: what to change (names the setting).
+            reason: why it is not converged (default: ``measure = value > tolerance``).
+        """
         d = self.diagnostics
         if d is None or d.converged:
             return
         value = "n/a" if d.value is None else f"{d.value:.3g}"
         tol = "n/a" if d.tolerance is None else f"{d.tolerance:.3g}"
+        reason = reason or f"{d.measure} = {value} > tolerance {tol}"
         msg = (
-            f"{type(self).__name__} did not converge: {d.measure} = {value} > tolerance {tol}. "
+            f"{type(self).__name__} did not converge: {reason}. "
             f"s_test is not the solution of the damped system, so influence values are of unknown quality. {advice}"
         ).strip()
         if self.strict:
@@ -440,13 +446,13 @@ class ExactSolver(Solver):
 
         limit = int(self.max_memory_gb * 2**30)
         p, e = curvature.spec.numel, curvature.theta.element_size()
-        budget = max(DENSE_CHUNK_BUDGET // 8, min(DENSE_CHUNK_BUDGET, limit - 2 * p * p * e))
+        budget = max(DENSE_CHUNK_BUDGET // 8, min(DENSE_CHUNK_BUDGET, limit - 3 * p * p * e))
         return self._on(curvature).dense_plan(budget_bytes=budget)
 
     def fits(self, curvature: TrainingCurvature) -> bool:
         """Whether the dense build and factorisation stay under ``max_memory_gb``."""
         p, e = curvature.spec.numel, curvature.theta.element_size()
-        if 2 * p * p * e > self.max_memory_gb * 2**30:  # no need to measure the graph
+        if 3 * p * p * e > self.max_memory_gb * 2**30:  # no need to measure the graph
             return False
         return self.plan(curvature).peak_bytes <= self.max_memory_gb * 2**30
 
@@ -470,10 +476,10 @@ class ExactSolver(Solver):
         curv = self._on(curvature)
         p, e = curv.spec.numel, curv.theta.element_size()
         limit = self.max_memory_gb * 2**30
-        if 2 * p * p * e > limit:
+        if 3 * p * p * e > limit:
             raise SolverMemoryError(
-                f"ExactSolver needs at least {2 * p * p * e / 2**30:.1f} GiB for {p:,} selected parameters (the "
-                f"P x P matrix and its factor; limit `max_memory_gb` = {self.max_memory_gb:g}). Use CGSolver or "
+                f"ExactSolver needs at least {3 * p * p * e / 2**30:.1f} GiB for {p:,} selected parameters (the "
+                f"P x P matrix, its factor and inverse; limit `max_memory_gb` = {self.max_memory_gb:g}). Use CGSolver or "
                 "LiSSASolver (or solver='auto'), or select fewer parameters with `params`."
             )
         plan = self.plan(curv)
@@ -829,10 +835,21 @@ class LiSSASolver(Solver):
         diag.extra.update(details)
         self.damping_used = float(self.damping)
         self.diagnostics = diag
-        self._report(
-            f"Raise `depth` (now {depth}; or depth='auto') or `damping`; a last-step change above "
-            f"{LISSA_SETTLED:g} is minibatch noise: raise `batch_size` or `repeats`, or use CGSolver / solver='auto'."
-        )
+        remaining, step = diag.extra["damped_mode_remaining"], diag.extra["last_step_change"]
+        if remaining >= LISSA_SETTLED:
+            reason = f"(1 - damping/scale)^depth = {remaining:.3g} >= {LISSA_SETTLED:g} of the slowest mode remains"
+            advice = (
+                f"Raise `depth` (now {depth}; or depth='auto') or `damping`, or use CGSolver / solver='auto'."
+            )
+        else:
+            reason = (
+                f"the last step changed the estimate by {step:.3g} >= {LISSA_SETTLED:g} (minibatch noise)"
+            )
+            advice = (
+                f"Raise `batch_size` (now {self.batch_size}) or `repeats` (now {self.repeats}), or use CGSolver / "
+                "solver='auto'."
+            )
+        self._report(advice, reason)
         return total / self.repeats
 
 
