@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    "AutoSolver": "lightning_fastif.solver_choice",
     "ExactSolver": "lightning_fastif.functional.solvers",
     "CGSolver": "lightning_fastif.functional.solvers",
     "LiSSASolver": "lightning_fastif.functional.solvers",
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "AutoSolver",
     "CGSolver",
     "CorrectionSettings",
     "EKFACSolver",
@@ -79,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_fastif.diagnostics import approximation_diagnostics
     from lightning_fastif.gradient_callback import GradientIndexCallback
     from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver
+    from lightning_fastif.solver_choice import AutoSolver
     from lightning_fastif.kfac_solver import EKFACSolver, KFACSolver
     from lightning_fastif.module import InfluenceModule
     from lightning_fastif.reporting.callback import InfluenceReport

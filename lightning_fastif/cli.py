@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_fastif.applications.correct import SliceSpec
 from lightning_fastif.callbacks import FeatureIndexCallback, InfluenceWriter
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver, Solver
+from lightning_fastif.functional.solvers import Solver
 from lightning_fastif.lds import LDSSettings
 from lightning_fastif.module import InfluenceModule
 from lightning_fastif.reporting.callback import InfluenceReport
@@ -198,7 +198,9 @@ def _select_queries(model: torch.nn.Module, dataset: Any, collate_fn: Any, sel: 
 
 
 def _default_solver() -> Solver:
-    return LiSSASolver(damping=1e-3, scale=10.0, depth=1000, repeats=4, batch_size=8)
+    from lightning_fastif.solver_choice import AutoSolver
+
+    return AutoSolver()  # Exact if it fits, else EK-FAC, else CG on Gauss-Newton; damping "auto"
 
 
 class InfluenceTrainer(pl.Trainer):
@@ -309,8 +311,8 @@ class InfluenceTrainer(pl.Trainer):
             ckpt_path: checkpoint to load.
             index_dir: the candidate index folder (from fit with FeatureIndexCallback or the ``index`` subcommand).
             output_dir: where results go.
-            solver: ExactSolver, CGSolver or LiSSASolver (default: LiSSA, damping 1e-3, scale 10, depth 1000,
-                repeats 4, batch 8).
+            solver: AutoSolver (default: Exact when the dense system fits, else EK-FAC, else CG on Gauss-Newton,
+                damping "auto"), ExactSolver, CGSolver, LiSSASolver, EKFACSolver or KFACSolver.
             params: glob patterns of the parameters to differentiate (default: all trainable).
             num_candidates: k nearest training examples scored per query (null: the whole training set).
             top_k: helpful and harmful examples kept per query.
@@ -422,10 +424,9 @@ class InfluenceTrainer(pl.Trainer):
         print(
             f"\n## kNN candidate recall (full-scan top-{top_m} found among the k nearest)\n\n{rep.to_table()}"
         )
-        p = im.curvature().spec.numel
-        ref = reference_solver or (
-            ExactSolver(im.solver.damping) if p <= 4000 else CGSolver(im.solver.damping, max_iter=300)
-        )
+        from lightning_fastif.solver_choice import reference_solver_for
+
+        ref = reference_solver or reference_solver_for(im, batch)  # same curvature and damping, tight
         ag = solver_agreement(im, ref, batch)
         result["solver_agreement"] = ag.to_dict()
         print(
@@ -484,7 +485,7 @@ class InfluenceTrainer(pl.Trainer):
             datamodule: provides the training set.
             ckpt_path: checkpoint to load.
             output_dir: where results go.
-            solver: ExactSolver, CGSolver or LiSSASolver (default as in ``influence``).
+            solver: AutoSolver, ExactSolver, CGSolver, LiSSASolver... (default as in ``influence``).
             params: glob patterns of the parameters to differentiate (default: all trainable).
             ids: training ids to score (default: all).
             top: examples shown in the HTML report.

@@ -29,8 +29,9 @@ from lightning_fastif.functional.head import head_scores
 from lightning_fastif.functional.losses import check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
 from lightning_fastif.functional.scores import PAD_ID, merge_topk, score_batch, split_topk
-from lightning_fastif.functional.solvers import LiSSASolver, Solver
+from lightning_fastif.functional.solvers import Solver
 from lightning_fastif.results import InfluenceResult
+from lightning_fastif.solver_choice import solver_record
 
 __all__ = ["InfluenceModule"]
 
@@ -44,7 +45,8 @@ class InfluenceModule(pl.LightningModule):
         loss_fn: ``callable(outputs, batch) -> [B]`` per-example losses; default: the module's
             ``per_example_loss(batch)``, else cross-entropy on ``(x, y)`` / ``{"labels": ...}`` batches.
         params: glob patterns of parameter names to differentiate (default: all with ``requires_grad``).
-        solver: an ``ExactSolver``, ``CGSolver`` or ``LiSSASolver`` (default ``LiSSASolver()``).
+        solver: an ``AutoSolver`` (the default: Exact when the dense system fits in memory, else EK-FAC, else CG on
+            Gauss-Newton, with ``damping="auto"``), ``ExactSolver``, ``CGSolver``, ``LiSSASolver``, ``EKFACSolver``...
         num_candidates: k of FastIF's kNN step; ``None`` scores the whole training set.
         top_k: helpful and harmful examples kept per query.
         index: a built candidate index or the folder it was saved in (needed when ``num_candidates`` is set).
@@ -68,6 +70,10 @@ class InfluenceModule(pl.LightningModule):
             candidates are scored exactly.
         sketch: settings of a gradient index built in memory (``method``, ``dim``, ``seed``, ``kind``, ``float16``,
             ``factory``, ``backend``, ``nprobe``, ``ef_search``).
+        curvature: the curvature C every solver inverts: ``"hessian"``, ``"gauss_newton"`` (``J^T H_out J`` through
+            the model's outputs: positive semi-definite for cross-entropy, MSE and other convex losses of the outputs;
+            needs a loss that is a function of the outputs, not a ``per_example_loss`` method), or None (default):
+            the Hessian for an explicit ``ExactSolver``/``CGSolver``/``LiSSASolver``, the auto solver's choice.
 
     Example:
         >>> import lightning_fastif as lf
@@ -97,6 +103,7 @@ class InfluenceModule(pl.LightningModule):
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         candidates: str = "features",
         sketch: dict[str, Any] | None = None,
+        curvature: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -106,10 +113,19 @@ class InfluenceModule(pl.LightningModule):
                 f"Expected `train_dataset` to be a map-style Dataset (with __len__ and __getitem__), but got "
                 f"{type(train_dataset).__name__}."
             )
-        solver = LiSSASolver() if solver is None else solver
+        from lightning_fastif.solver_choice import AutoSolver
+
+        solver = AutoSolver() if solver is None else solver
+        if curvature not in (None, "hessian", "gauss_newton"):
+            raise ConfigurationError(
+                f"Expected `curvature` to be 'hessian', 'gauss_newton' or None (the solver decides: Hessian for "
+                f"ExactSolver/CGSolver/LiSSASolver, the auto solver's choice), but got {curvature!r}."
+            )
+        self.curvature_mode = curvature
         if not isinstance(solver, Solver):
             raise ConfigurationError(
-                f"Expected `solver` to be an ExactSolver, CGSolver or LiSSASolver, but got {type(solver).__name__}."
+                f"Expected `solver` to be a Solver (AutoSolver, ExactSolver, CGSolver, LiSSASolver...), but got "
+                f"{type(solver).__name__}."
             )
         check_positive_int("num_candidates", num_candidates, allow_none=True)
         check_positive_int("top_k", top_k)
@@ -204,6 +220,7 @@ class InfluenceModule(pl.LightningModule):
             world_size=world,
             all_reduce=all_reduce,
             progress=self._progress if self.progress and self.global_rank == 0 else None,
+            mode=self.curvature_mode or "auto",
         )
 
     def _timed(self, stage: str, start: float) -> None:
@@ -599,7 +616,7 @@ class InfluenceModule(pl.LightningModule):
                     query_loss=float(losses[q]),
                     helpful_distances=[dist[i] for i in h_ids.tolist()] if dist else [],
                     harmful_distances=[dist[i] for i in x_ids.tolist()] if dist else [],
-                    extra={"solver": self.solver.name, "candidates": self.candidates},
+                    extra={**solver_record(self.solver), "candidates": self.candidates},
                 )
             )
         return results
