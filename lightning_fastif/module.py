@@ -26,7 +26,7 @@ from lightning_fastif.functional.batch import fetch, labels_of, logits_of, move_
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads_and_losses
 from lightning_fastif.functional.head import head_scores
-from lightning_fastif.functional.losses import check_finite, resolve_loss
+from lightning_fastif.functional.losses import check_class_labels, check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
 from lightning_fastif.functional.scores import PAD_ID, merge_topk, score_batch, split_topk
 from lightning_fastif.functional.solvers import Solver
@@ -270,18 +270,37 @@ class InfluenceModule(pl.LightningModule):
             # the query gradients were finite: a non-finite training example is the usual cause; name it
             self._check_training_finite(theta, spec)
             raise
+        except ConfigurationError as err:
+            if "`labels`" not in str(err):  # the query's labels were checked already: a training example's are bad
+                raise
+            self._check_training_finite(theta, spec)
+            raise
         self._timed("s_test", start)
         return s
 
     def _check_training_finite(self, theta: Tensor, spec: ParamSpec) -> None:
-        """Raise :class:`NonFiniteError` naming the training ids whose loss is NaN or inf (one forward pass)."""
+        """Raise an error naming the training ids whose loss is NaN or inf (:class:`NonFiniteError`) or whose labels
+        do not fit the loss (:class:`ConfigurationError`): one forward pass, on the error path only."""
         params = spec.unflatten(theta)
         n = len(self.train_dataset)  # type: ignore[arg-type]
         with eval_mode(self.model), torch.no_grad():
             for at in range(0, n, self.score_batch_size):
                 ids = list(range(at, min(n, at + self.score_batch_size)))
                 batch = self._prepare(fetch(self.train_dataset, ids, self._user_collate))
-                check_finite(self.loss(params, batch), "training loss", ids)
+                try:
+                    losses = self.loss(params, batch)
+                except ConfigurationError as err:  # find the examples one by one
+                    bad = []
+                    for j, i in enumerate(ids):
+                        try:
+                            self.loss(params, slice_batch(batch, slice(j, j + 1)))
+                        except ConfigurationError:
+                            bad.append(i)
+                    raise ConfigurationError(
+                        f"Expected the training examples' `labels` to fit the loss ({self.loss.description}), but "
+                        f"training example id(s) {bad[:20]} do not: {err}"
+                    ) from err
+                check_finite(losses, "training loss", ids)
 
     def candidate_loader(self, train_indices: Sequence[int] | Tensor) -> DataLoader:
         """The training examples ``train_indices`` in order, in batches (a ``Subset`` + ``DataLoader``)."""
@@ -366,7 +385,8 @@ class InfluenceModule(pl.LightningModule):
         for chunk in ids.split(max(self.score_batch_size, 4096)):
             feats = cache["features"][chunk].to(s_test.device)
             logits = cache["logits"][chunk].to(s_test.device)
-            out.append(head_scores(feats, logits, self._labels(chunk).to(s_test.device), s_w, s_b))
+            labels = check_class_labels(self._labels(chunk).to(s_test.device), logits, None, chunk)
+            out.append(head_scores(feats, logits, labels, s_w, s_b))
         return torch.cat(out).T if out else s_test.new_zeros(s_test.shape[0], 0)
 
     def influence(self, batch: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:

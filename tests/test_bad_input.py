@@ -99,6 +99,13 @@ def _nan_train(at: int = 5) -> TensorDataset:
     return TensorDataset(x, ds.tensors[1])
 
 
+def _bad_label_train(at: int = 4) -> TensorDataset:
+    ds = _data()
+    y = ds.tensors[1].clone()
+    y[at] = 7
+    return TensorDataset(ds.tensors[0], y)
+
+
 def _writer(**kw):
     return lf.InfluenceWriter("out", **kw)
 
@@ -276,6 +283,23 @@ CASES = [
         lambda: _im(train=_nan_train(), solver=lf.CGSolver(damping=0.1)).explain(_query()),
         NonFiniteError,
         r"training example id\(s\) \[5\]",
+    ),
+    (
+        "labels_out_of_range_training_head_path",
+        lambda: _im(train=_bad_label_train(), params=["2.*"], num_candidates=N).explain(_query()),
+        ConfigurationError,
+        r"`labels`.*training example id\(s\) \[4\]",
+    ),
+    (
+        "labels_out_of_range_training_lissa_head_path",
+        lambda: _im(
+            train=_bad_label_train(),
+            params=["2.*"],
+            num_candidates=N,
+            solver=lf.LiSSASolver(damping=0.1, scale=50.0, depth=5, batch_size=2),
+        ).explain(_query()),
+        ConfigurationError,
+        r"`labels`.*training example id\(s\) \[4\]",
     ),
     (
         "nan_query_input",

@@ -31,7 +31,14 @@ from lightning_fastif.functional.batch import (
     logits_of,
 )
 
-__all__ = ["PerExampleLoss", "describe_loss_module", "find_loss_module", "output_tensor", "resolve_loss"]
+__all__ = [
+    "PerExampleLoss",
+    "check_class_labels",
+    "describe_loss_module",
+    "find_loss_module",
+    "output_tensor",
+    "resolve_loss",
+]
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -143,7 +150,9 @@ def describe_loss_module(module: nn.Module) -> str:
     return f"{type(module).__name__}({', '.join(parts)})"
 
 
-def _check_class_labels(labels: Tensor, logits: Tensor, ignore_index: int | None) -> Tensor:
+def check_class_labels(
+    labels: Tensor, logits: Tensor, ignore_index: int | None = None, ids: Any = None
+) -> Tensor:
     """Integer class ids ``[B]`` checked against ``logits [B, C]`` (int32 and other integer types cast to int64)."""
     wrong_type = labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex()
     if wrong_type or logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
@@ -174,9 +183,14 @@ def _check_class_labels(labels: Tensor, logits: Tensor, ignore_index: int | None
                 "as training did, put the loss on the model (`self.criterion = nn.CrossEntropyLoss(ignore_index=-100)`"
                 ") or pass `loss_fn` (an ignored example then has loss 0 and influence 0)."
             )
+        where = (
+            f"training example id(s) {[int(ids[r]) for r in rows[:20]]}"
+            if ids is not None
+            else f"batch position(s) {rows[:20]}"
+        )
         raise ConfigurationError(
-            f"Expected `labels` to be class ids in [0, {c}) (the logits have {c} classes), but got {got} at batch "
-            f"position(s) {rows[:20]}.{hint}"
+            f"Expected `labels` to be class ids in [0, {c}) (the logits have {c} classes), but got {got} at "
+            f"{where}.{hint}"
         )
     return labels
 
@@ -189,7 +203,7 @@ def _default_cross_entropy(outputs: Any, batch: Any) -> Tensor:
             f"(expected `(x, y)` or a dict with `labels`). {_HOW_TO}"
         )
     logits = output_tensor(outputs)
-    return F.cross_entropy(logits, _check_class_labels(labels, logits, None), reduction="none")
+    return F.cross_entropy(logits, check_class_labels(labels, logits, None), reduction="none")
 
 
 class _ModuleLoss:
@@ -218,7 +232,7 @@ class _ModuleLoss:
         crit = self.module.to(device=out.device, dtype=out.dtype) if out.is_floating_point() else self.module
         if self.classes and not (target.is_floating_point() and target.shape == out.shape):  # class ids
             ignore = getattr(self.module, "ignore_index", None)
-            losses = crit(out, _check_class_labels(target, out, ignore))
+            losses = crit(out, check_class_labels(target, out, ignore))
         else:
             if target.is_floating_point() is False and out.is_floating_point():
                 target = target.to(out.dtype)
