@@ -81,11 +81,23 @@ def test_table_lands_in_the_offline_run(offline_wandb: Path, tmp_path: Path) -> 
     assert [r["knn_distance"] for r in rows] == [1.0, 2.0, 4.0, None, None, None]
     assert [r["train_label"] for r in rows] == [1, 2, 1, 4, 3, 4]
     assert [(r["query_label"], r["prediction"]) for r in rows][2:4] == [(3, 3), (5, 6)]
-    # wandb 0.31 writes image cells of the run-level file as "Image"; the PNGs go to the run's table artifact,
-    # staged under WANDB_DATA_DIR until `wandb sync`.
-    assert {r["train_input"] for r in rows} == {"Image"} and {r["query_input"] for r in rows} == {"Image"}
+    # the run folder is self-contained (what `wandb sync` uploads): every image cell of the run's table file is an
+    # image reference whose PNG lies in the run's files/, and the table artifact's staged copies lie in the run
+    # folder too (wandb 0.31 alone writes the string "Image" and stages the PNGs under ~/.local/share/wandb)
+    (run_dir,) = tmp_path.glob("wandb/offline-run-*")
+    cells = [r[c] for r in rows for c in ("train_input", "query_input")]
+    assert all(isinstance(c, dict) and c["_type"] == "image-file" for c in cells), cells[:2]
+    for cell in cells:
+        png = run_dir / "files" / cell["path"]
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", cell
+        assert (cell["width"], cell["height"]) == (64, 64)
+    assert len({c["path"] for c in cells}) == len(
+        {r["train_id"] for r in rows} | {0, 1}
+    )  # one PNG per example
     staged = [p for p in offline_wandb.rglob("*") if p.is_file() and p.read_bytes()[:4] == b"\x89PNG"]
-    assert staged
+    assert not staged, "artifact files were staged outside the run folder"
+    inside = [p for p in run_dir.rglob("*") if p.is_file() and p.read_bytes()[:4] == b"\x89PNG"]
+    assert len(inside) > len({c["path"] for c in cells})  # the artifact's staged copies are in the run folder
 
 
 def test_text_inputs_and_a_bare_run(offline_wandb: Path, tmp_path: Path) -> None:
@@ -116,6 +128,9 @@ class _RaisingLogger:
         return self
 
     def log_table(self, **kwargs: Any) -> None:
+        raise RuntimeError("backend unreachable")
+
+    def log_metrics(self, metrics: Any, step: Any = None) -> None:
         raise RuntimeError("backend unreachable")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -105,10 +106,12 @@ def log_to_wandb(
             renderer=renderer,
             image_factory=wandb.Image,
         )
-        if kind == "logger":
-            handle.log_table(key=key, columns=list(WANDB_COLUMNS), data=rows)
-        else:
-            run.log({key: wandb.Table(columns=list(WANDB_COLUMNS), data=rows)})
+        table = _run_file_table(wandb)(columns=list(WANDB_COLUMNS), data=rows)
+        with _StagingInside(run):
+            if kind == "logger":
+                handle.log_metrics({key: table})
+            else:
+                run.log({key: table})
         run.summary.update(_summary_metrics(key, records, summary))
     except Exception as error:  # W&B must never take the run down with it
         return _skip(f"W&B raised {type(error).__name__}: {error}")
@@ -164,6 +167,67 @@ def build_rows(
                     ]
                 )
     return rows
+
+
+def _run_file_table(wandb: Any) -> type:
+    """A ``wandb.Table`` whose run-folder copy references real images.
+
+    wandb 0.31 writes the run's ``files/media/table/<key>_<step>_<hash>.table.json`` with the string ``"Image"`` in
+    every image cell and keeps the images only in the run's ``run_table`` artifact. This table binds each image to
+    the run first (its PNG is copied to ``files/media/images/``) and writes the cell as the image's run JSON
+    (``{"_type": "image-file", "path": "media/images/....png", ...}``), so the run folder holds the images that
+    ``wandb sync`` uploads; the artifact copy is unchanged.
+    """
+
+    class RunFileTable(wandb.Table):  # type: ignore[misc, name-defined]
+        _run_for_file: Any = None
+
+        def bind_to_run(self, run: Any, key: Any, step: Any, *args: Any, **kwargs: Any) -> None:
+            for row in self.data:
+                for cell in row:
+                    if isinstance(cell, wandb.Image) and not cell.is_bound():
+                        cell.bind_to_run(run, key, step)
+            self._run_for_file = run
+            try:
+                super().bind_to_run(run, key, step, *args, **kwargs)
+            finally:
+                self._run_for_file = None
+
+        def _to_table_json(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            out = super()._to_table_json(*args, **kwargs)
+            run = self._run_for_file
+            if run is None:  # the artifact's copy: wandb's own serialisation
+                return out
+            data = [
+                [c.to_json(run) if isinstance(c, wandb.Image) and c.is_bound() else c for c in row]
+                for row in out["data"]
+            ]
+            return {**out, "data": data}
+
+    return RunFileTable
+
+
+class _StagingInside:
+    """Stage the run's artifact files (the table artifact's PNGs) inside the run folder, not in the user's
+    ``~/.local/share/wandb``: ``WANDB_DATA_DIR`` points there while the table is logged."""
+
+    def __init__(self, run: Any) -> None:
+        run_dir = getattr(run, "dir", None)  # <run folder>/files
+        self.target = os.path.join(os.path.dirname(run_dir), "artifact-staging") if run_dir else None
+        self.before: str | None = None
+
+    def __enter__(self) -> None:
+        if self.target is not None:
+            self.before = os.environ.get("WANDB_DATA_DIR")
+            os.environ["WANDB_DATA_DIR"] = self.target
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.target is None:
+            return
+        if self.before is None:
+            os.environ.pop("WANDB_DATA_DIR", None)
+        else:
+            os.environ["WANDB_DATA_DIR"] = self.before
 
 
 def _resolve(target: Any) -> tuple[str, Any] | str:
