@@ -34,6 +34,9 @@ _EXPORTS: dict[str, str] = {
     "with_pool": "lightning_fastif.applications.pool",
     "set_num_threads": "lightning_fastif.threads",
     "self_influence": "lightning_fastif.self_influence",
+    "IdentitySolver": "lightning_fastif.lds",
+    "LDSSettings": "lightning_fastif.lds",
+    "lds_check": "lightning_fastif.lds",
 }
 
 __all__ = [
@@ -44,12 +47,14 @@ __all__ = [
     "ExactSolver",
     "FeatureIndexCallback",
     "GradientIndexCallback",
+    "IdentitySolver",
     "InfluenceModule",
     "InfluenceReport",
     "InfluenceResult",
     "InfluenceStrategy",
     "InfluenceWriter",
     "KFACSolver",
+    "LDSSettings",
     "LiSSASolver",
     "PoolInfluenceModule",
     "SliceSpec",
@@ -57,6 +62,7 @@ __all__ = [
     "approximation_diagnostics",
     "group_influence",
     "group_s_test",
+    "lds_check",
     "self_influence",
     "set_num_threads",
     "with_pool",
