@@ -526,6 +526,7 @@ class InfluenceTrainer(pl.Trainer):
         solver: Solver | None = None,
         params: list[str] | None = None,
         num_candidates: int | None = 100,
+        candidates: str = "features",
         slice: SliceSpec | None = None,
         steps: int = 5,
         anchors_per_step: int = 4,
@@ -553,6 +554,8 @@ class InfluenceTrainer(pl.Trainer):
             solver: AutoSolver, ExactSolver, CGSolver, LiSSASolver... (default as in ``influence``).
             params: glob patterns of the parameters to differentiate and fine-tune (default: all trainable).
             num_candidates: k nearest candidates per anchor (null: score the whole pool).
+            candidates: candidate space, ``features`` (FastIF's kNN, index of the original model reused at every
+                step) or ``gradients`` (gradient sketches, rebuilt from the current weights at every step).
             slice: the failing slice: ``{kind: pair, label: 3, predicted: 8}``, ``{kind: class, label: 3}`` or
                 ``{kind: ids, ids: [...]}``, with ``split`` and ``anchor_fraction``.
             steps: SGD steps per run.
@@ -577,9 +580,8 @@ class InfluenceTrainer(pl.Trainer):
             seeds=list(seeds),
             methods=list(methods),
         )
-        im = self._influence_module(
-            model, datamodule, ckpt_path, None, solver, params, num_candidates, 10, score_batch_size
-        )
+        args = (model, datamodule, ckpt_path, None, solver, params, num_candidates, 10, score_batch_size)
+        im = self._influence_module(*args, candidates=candidates)
         return run_correct(self, im, datamodule, slice, settings, pool, output_dir, report)
 
 
