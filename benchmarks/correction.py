@@ -139,7 +139,7 @@ def main() -> None:
         tag = "quick" if args.quick else "full"
         write_correction_report(
             res,
-            report_dir / f"{res.pool}-{args.mode}-damping{args.damping:g}-{tag}.html",
+            report_dir / f"{res.pool}-{args.mode}-damping{args.damping:g}-examples{args.examples}-{tag}.html",
             title=f"Error correction, pool {name}",
         )
         data = res.to_dict()
@@ -165,7 +165,8 @@ def main() -> None:
         "The machine is shared with other jobs; the accuracies do not depend on load, the seconds do."
     )
     name = "correction" + ("" if args.mode == "relabel" else f"-{args.mode}")
-    name += ("" if args.damping == 0.01 else f"-damping{args.damping:g}") + ("-quick" if args.quick else "")
+    name += "" if args.damping == 0.01 else f"-damping{args.damping:g}"
+    name += ("" if args.examples == 8 else f"-examples{args.examples}") + ("-quick" if args.quick else "")
     path = save_json(name, out)
     print(f"saved {path} ({out['seconds']:.0f}s); HTML reports in {Path(report_dir)}")
 
