@@ -476,7 +476,7 @@ def test_results_and_html_report_say_which_candidate_space_was_used(trained):
     assert "<th>candidate space</th><td>gradients</td>" in html
 
 
-def test_ivf_and_hnsw_inner_product_indexes_agree_with_the_exact_search(trained):
+def test_ivf_and_hnsw_inner_product_indexes_agree_with_the_exact_search(trained, tmp_path):
     model, ds, _ = trained
     loss = resolve_loss(model)
     flat = build_gradient_index(model, ds, loss, None, "kronecker", dim=128)
@@ -489,6 +489,10 @@ def test_ivf_and_hnsw_inner_product_indexes_agree_with_the_exact_search(trained)
     _, got = hnsw.candidates(s, 40)
     overlap = [len(set(a) & set(b)) / 40 for a, b in zip(got.tolist(), want.tolist())]
     assert min(overlap) >= 0.9, overlap
+    for name, built in (("ivf", ivf), ("hnsw", hnsw)):  # their folders read back (memory-mapped) to the same search
+        save_gradient_index(built, tmp_path / name)
+        loaded = load_gradient_index(tmp_path / name, sketcher=built.sketcher)
+        assert torch.equal(loaded.candidates(s, 40)[1], built.candidates(s, 40)[1])
     torch_index = build_gradient_index(model, ds, loss, None, "kronecker", dim=128, backend="torch")
     _, got = torch_index.candidates(s, 40)
     assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]

@@ -247,12 +247,13 @@ class FaissIndex(CandidateIndex):
     ) -> FaissIndex:
         """Read a file written by :meth:`save` (or ``faiss.write_index``); arguments as :meth:`from_bytes`.
 
-        ``mmap=True`` memory-maps the stored vectors (``IO_FLAG_MMAP_IFC``: flat and scalar-quantised codes, IVF
-        lists) instead of reading them into memory; the file must then stay in place while the index is used.
+        ``mmap=True`` memory-maps the stored vectors of flat-code indexes (``IO_FLAG_MMAP_IFC``: ``Flat``,
+        ``SQfp16``, the storage of ``HNSW``) instead of reading them into memory (IVF lists are still read); the
+        file must then stay in place while the index is used.
         """
         obj = cls(factory, **config)
         faiss = obj._faiss
-        flags = (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP) if mmap else 0
+        flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
         try:
             index = faiss.read_index(os.fspath(path), flags)
         except RuntimeError as err:
