@@ -176,7 +176,11 @@ def leave_one_out_check(
     """
     if isinstance(removals, bool) or not isinstance(removals, int) or removals < 2:
         raise ConfigurationError(f"Expected `removals` to be an int >= 2, but got {removals!r}.")
-    damping = module.solver.damping if damping is None else float(damping)
+    if damping is None:  # the damping the solver actually used ("auto" resolves on its first solve)
+        if getattr(module.solver, "damping_used", None) is None and module.solver.damping == "auto":
+            module.s_test(query)
+        damping = getattr(module.solver, "damping_used", None) or module.solver.damping
+    damping = float(damping)
     if not damping > 0:
         raise ConfigurationError(
             f"Expected a positive `damping` for leave-one-out retraining (it is the L2 term that makes the retrained "

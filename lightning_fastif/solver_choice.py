@@ -4,9 +4,11 @@ The rule (issue 10), decided on the first solve for a model state and printed on
 
 1. :class:`~lightning_fastif.ExactSolver` when the dense ``P x P`` system fits (and ``P <= exact_max_params``): its measured build peak and its
    factorisation (two ``P x P`` matrices) stay under ``max_memory_gb`` (and half the memory available now).
-2. else :class:`~lightning_fastif.EKFACSolver` when every selected parameter sits in a layer it supports
+2. else CG when it is cheap: ``50 x N x P <= cg_budget`` (about 50 full-data products per query, a few seconds
+   of one CPU core at the default 1e10), because CG is exact for its curvature and EK-FAC is not;
+3. else :class:`~lightning_fastif.EKFACSolver` when every selected parameter sits in a layer it supports
    (``nn.Linear``, ``nn.Conv2d``) and the curvature was not fixed to ``"hessian"``;
-3. else :class:`~lightning_fastif.CGSolver` on the Gauss-Newton curvature (positive semi-definite for a convex loss
+4. else :class:`~lightning_fastif.CGSolver` on the Gauss-Newton curvature (positive semi-definite for a convex loss
    of the outputs), or on the Hessian when ``curvature="hessian"`` was asked or the loss cannot be split.
 
 ``damping="auto"`` (the default) is ``max(1e-2 lambda_max, 2 (-lambda_min))`` of the chosen curvature, from Lanczos
@@ -63,6 +65,8 @@ class AutoSolver(Solver):
         exact_max_params: above this many selected parameters, Exact is not chosen even when it fits: a dense
             build costs ``P`` products per training example, CG about 50 per example and query, so past a few
             thousand parameters CG (or EK-FAC) answers a few queries sooner.
+        cg_budget: CG is preferred to EK-FAC when ``50 * N * P`` (its expected work per query, in
+            parameter-example products) is at most this.
         max_iter: CG's most iterations when CG is chosen.
         tol: CG's relative-residual target when CG is chosen.
         strict: raise instead of warning when the chosen solver does not converge.
@@ -87,6 +91,7 @@ class AutoSolver(Solver):
         damping: float | str = "auto",
         max_memory_gb: float = 2.0,
         exact_max_params: int = 5000,
+        cg_budget: float = 1e10,
         max_iter: int = 200,
         tol: float = 1e-6,
         *,
@@ -99,6 +104,8 @@ class AutoSolver(Solver):
         _check_number("tol", tol, low=0.0, strict=True)
         _check_number("exact_max_params", exact_max_params, low=0, integer=True)
         self.exact_max_params = int(exact_max_params)
+        _check_number("cg_budget", cg_budget, low=0.0)
+        self.cg_budget = float(cg_budget)
         self.max_memory_gb, self.max_iter, self.tol = float(max_memory_gb), int(max_iter), float(tol)
         self.chosen: Solver | None = None
         self.choice: str | None = None
@@ -109,6 +116,7 @@ class AutoSolver(Solver):
             {
                 "max_memory_gb": self.max_memory_gb,
                 "exact_max_params": self.exact_max_params,
+                "cg_budget": self.cg_budget,
                 "max_iter": self.max_iter,
                 "tol": self.tol,
             }
@@ -158,7 +166,11 @@ class AutoSolver(Solver):
                 if p > self.exact_max_params
                 else f"{p:,} parameters: dense peak {peak_gib:.3g} GiB > {limit_gb:.3g} GiB"
             )
-            if requested != "hessian" and self._ekfac_supports(curvature):
+            cg_work = 50.0 * curvature.num_examples * p
+            cheap = cg_work <= self.cg_budget
+            if cheap:
+                too_big += f"; CG is cheap here (50 N P = {cg_work:.2g} <= cg_budget {self.cg_budget:.2g})"
+            if not cheap and requested != "hessian" and self._ekfac_supports(curvature):
                 mode = "gauss_newton" if curvature.can_split() else (requested or "hessian")
                 lam, lam_txt = self._gn_damping(curvature.with_mode(mode))
                 solver = _EKFAC(damping=lam)  # type: ignore[misc]

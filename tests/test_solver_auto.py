@@ -169,7 +169,7 @@ def test_auto_falls_back_to_cg_on_gauss_newton_when_exact_does_not_fit():
     model, data, _ = _relu_problem(mode="gauss_newton")
     # a free nn.Parameter is in no Linear/Conv layer, so EK-FAC cannot take it: auto must pick CG
     model.register_parameter("temperature", nn.Parameter(torch.ones(1, dtype=torch.float64)))
-    auto = lf.AutoSolver(exact_max_params=10, tol=1e-10)
+    auto = lf.AutoSolver(exact_max_params=10, cg_budget=0, tol=1e-10)
     im = lf.InfluenceModule(model, data, solver=auto, num_candidates=None, progress=False)
     queries = data[:2]
     s = im.s_test(queries)
@@ -183,7 +183,7 @@ def test_auto_falls_back_to_cg_on_gauss_newton_when_exact_does_not_fit():
     im2 = lf.InfluenceModule(
         model,
         data,
-        solver=lf.AutoSolver(exact_max_params=10),
+        solver=lf.AutoSolver(exact_max_params=10, cg_budget=0),
         curvature="hessian",
         num_candidates=None,
         progress=False,
@@ -198,7 +198,7 @@ def test_auto_picks_ekfac_for_large_linear_only_models_when_available():
     if solver_choice._EKFAC is None:
         pytest.skip("EK-FAC solver not in this tree")
     model, data, _ = _relu_problem()
-    auto = lf.AutoSolver(exact_max_params=10)
+    auto = lf.AutoSolver(exact_max_params=10, cg_budget=0)
     im = lf.InfluenceModule(model, data, solver=auto, num_candidates=None, progress=False)
     im.s_test(data[:1])
     assert auto.choice.startswith("ekfac") and auto.chosen.name == "ekfac"
@@ -217,3 +217,11 @@ def test_bad_auto_and_curvature_arguments_name_the_argument():
     with pytest.raises(ConfigurationError, match="`curvature`"):
         lf.CGSolver(curvature="exact")
     assert math.isfinite(lf.AutoSolver().max_memory_gb)
+
+
+def test_auto_prefers_exact_cg_to_ekfac_when_cg_is_cheap():
+    model, data, _ = _relu_problem()
+    auto = lf.AutoSolver(exact_max_params=10)  # 50 N P = 50 * 60 * 111: far below the default cg_budget
+    lf.InfluenceModule(model, data, solver=auto, num_candidates=None, progress=False).s_test(data[:1])
+    assert auto.choice.startswith("cg (gauss_newton)") and "CG is cheap here" in auto.choice
+    assert auto.diagnostics.converged
