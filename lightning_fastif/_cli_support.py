@@ -129,10 +129,17 @@ def describe(err: BaseException, argv: list[str], parsers: dict[str, Any]) -> tu
 
 
 def _clean_parser_message(text: str) -> str:
-    """jsonargparse's message without the lines that repeat the whole configuration."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    keep = [line for line in lines if not line.lstrip().startswith(("- ", "Given value type", "tip:"))]
-    return " ".join(part.strip() for part in (keep or lines)[:4])
+    """jsonargparse's message without its noise: the union's list of subtypes, the "given value" echo and the
+    ``Expected a <class 'NoneType'>`` alternative; what is left are the reasons, one per line."""
+    noise = ("Subtypes:", "Errors:", "Given value type", "Given value:", "tip:", "- Expected a <class 'NoneType'>")
+    lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
+    kept = [line for line in lines if not line.strip().startswith(noise)]
+    if not kept:
+        return lines[0] if lines else text
+    head, rest = kept[0].strip(), [line.strip() for line in kept[1:]]
+    if len(rest) == 1 and not rest[0].startswith("- "):
+        return f"{head} {rest[0]}"
+    return "\n".join([head, *("  " + r for r in rest)])
 
 
 # ------------------------------------------------------------------------------------------------ help
@@ -166,7 +173,8 @@ class _DropTips:
     """A logging filter that drops Lightning's advertising line (printed on every Trainer construction)."""
 
     def filter(self, record: Any) -> bool:
-        return "litlogger" not in str(record.getMessage())
+        message = str(record.getMessage())
+        return not message.startswith("💡 Tip")
 
 
 def quiet_lightning_tips() -> None:

@@ -218,6 +218,10 @@ class InfluenceWriter(BasePredictionWriter):
         overwrite: start a new file at the beginning of ``predict`` instead of resuming.
         resume: keep the complete records of an earlier run of the same settings and skip their query ids; with
             ``resume=False`` and ``overwrite=False`` an existing non-empty file is an error.
+        query_split: the dataset the queries come from (``"test"``...), written in every record (``query_split``).
+
+    Every record also gets the labels of its listed training examples (``helpful_labels``, ``harmful_labels``),
+    read from the module's training set.
     """
 
     def __init__(
@@ -226,6 +230,7 @@ class InfluenceWriter(BasePredictionWriter):
         filename: str = "influence.jsonl",
         overwrite: bool = False,
         resume: bool = True,
+        query_split: str | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
@@ -239,6 +244,8 @@ class InfluenceWriter(BasePredictionWriter):
         self.path = self.output_dir / filename
         self.overwrite = overwrite
         self.resume = resume
+        self.query_split = query_split
+        self._train_labels: Any = None
         self._writer: Any = None
         self._own: Path | None = None
         self.written = 0
@@ -265,7 +272,7 @@ class InfluenceWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_fastif.reporting.jsonl import JsonlWriter
 
-        self.written, self._seen, self.previous = 0, set(), {}
+        self.written, self._seen, self.previous, self._train_labels = 0, set(), {}, None
         split = splits_queries(trainer)
         done: list[int] = []
         if trainer.is_global_zero:
@@ -362,8 +369,41 @@ class InfluenceWriter(BasePredictionWriter):
                     )
                 continue
             self._seen.add(qid)
-            fresh.append(r)
+            fresh.append(self._enrich(pl_module, r))
         self.written += self._writer.write_many(fresh)
+
+    def _enrich(self, pl_module: Any, result: Any) -> Any:
+        """The training labels of the listed ids and the query split, added to a result before it is written."""
+        if self.query_split is not None and getattr(result, "query_split", None) is None:
+            result.query_split = self.query_split
+        for side in ("helpful", "harmful"):
+            if getattr(result, f"{side}_labels", ()) is None:
+                setattr(result, f"{side}_labels", self._labels_of(pl_module, list(getattr(result, f"{side}_ids"))))
+        return result
+
+    def _labels_of(self, pl_module: Any, ids: list[int]) -> list[Any] | None:
+        """Labels of training ids as plain values; None when the training examples carry none."""
+        from torch.utils.data import TensorDataset
+
+        from lightning_fastif.functional.batch import fetch, labels_of
+
+        train = getattr(pl_module, "train_dataset", None)
+        if train is None:
+            return None
+        if not ids:
+            return []
+        try:
+            if isinstance(train, TensorDataset):
+                if self._train_labels is None:
+                    self._train_labels = labels_of(train.tensors)
+                labels = None if self._train_labels is None else self._train_labels[ids]
+            else:
+                labels = labels_of(fetch(train, ids, getattr(pl_module, "_user_collate", None)))
+        except Exception:  # labels are a courtesy of the record: never fail the write over them
+            return None
+        if labels is None or len(labels) != len(ids):
+            return None
+        return [v.item() if v.dim() == 0 else v.tolist() for v in labels]
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._writer is not None:

@@ -340,7 +340,7 @@ class InfluenceTrainer(pl.Trainer):
 
             im = prepare_influence(im, datamodule, queries.group, pool)
         out = Path(output_dir)
-        self.callbacks.append(InfluenceWriter(out))
+        self.callbacks.append(InfluenceWriter(out, query_split=queries.split))
         if report:
             self.callbacks.append(
                 InfluenceReport(

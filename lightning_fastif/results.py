@@ -33,6 +33,9 @@ class InfluenceResult:
             model.criterion"``, ``"default cross-entropy (no loss found on the model)"``, ``"loss_fn (...)"``).
         flags: warnings about this query, each ``"<kind>: <explanation>"``; e.g. ``"saturated_query: loss 0,
             gradient 0, every score is 0"``. Empty when nothing is wrong.
+        helpful_labels / harmful_labels: the labels of the listed training examples (filled by ``InfluenceWriter``
+            from the training set; ``None`` when not looked up or the examples carry none).
+        query_split: the dataset the query comes from (``"test"``...), when known (the CLI's ``queries.split``).
     """
 
     query_id: int
@@ -50,6 +53,9 @@ class InfluenceResult:
     group: list[int] | None = None
     loss: str = ""
     flags: list[str] = field(default_factory=list)
+    helpful_labels: list[Any] | None = None
+    harmful_labels: list[Any] | None = None
+    query_split: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only (ints, floats, strings, lists, dicts, None); non-finite floats become None."""

@@ -25,6 +25,9 @@ class FailingWandbLogger(WandbLogger):
     def log_table(self, *args, **kwargs):
         raise RuntimeError("W&B service unreachable")
 
+    def log_metrics(self, *args, **kwargs):
+        raise RuntimeError("W&B service unreachable")
+
 
 def _predict(tmp_path, logger):
     im, queries = _setup()

@@ -113,10 +113,15 @@ class InfluenceReport(pl.Callback):
     def summary(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Run details shown in the report header and the W&B summary."""
         solver = getattr(pl_module, "solver", None)
+        train = getattr(pl_module, "train_dataset", None)
+        loss = getattr(getattr(pl_module, "loss", None), "description", None)
         out: dict[str, Any] = {
+            "training examples": len(train) if train is not None and hasattr(train, "__len__") else None,
             "num_candidates": getattr(pl_module, "num_candidates", None) or "all (full scan)",
             "solver": repr(solver) if solver is not None else None,
         }
+        if isinstance(loss, str) and loss:
+            out["loss"] = loss
         timings = getattr(pl_module, "timings", {}) or {}
         out.update({f"seconds/{k}": round(v, 3) for k, v in timings.items()})
         diag = getattr(solver, "diagnostics", None)

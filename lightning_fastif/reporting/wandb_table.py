@@ -38,6 +38,7 @@ WANDB_COLUMNS: tuple[str, ...] = (
     "train_label",
     "score",
     "knn_distance",
+    "query_flags",
 )
 
 
@@ -58,9 +59,10 @@ def log_to_wandb(
 
     Columns are :data:`WANDB_COLUMNS`: ``query_id``, ``query_input`` (a ``wandb.Image`` for images, text for
     text), ``query_label``, ``prediction``, ``kind`` (``"helpful"`` or ``"harmful"``), ``rank`` (1 = most
-    influential), ``train_id``, ``train_input``, ``train_label``, ``score`` and ``knn_distance`` (``None`` after
-    a full scan). Summary metrics go to ``run.summary`` under ``"<key>/..."``: the number of queries, the
-    candidates scored, and the scalar entries of ``summary`` (nested dicts flattened with ``/``).
+    influential), ``train_id``, ``train_input``, ``train_label``, ``score``, ``knn_distance`` (``None`` after
+    a full scan) and ``query_flags`` (the query's flags joined by ``"; "``, empty when none). Summary metrics go
+    to ``run.summary`` under ``"<key>/..."``: the number of queries, the candidates scored, and the scalar entries
+    of ``summary`` (nested dicts flattened with ``/``; the loss in use and the solver settings among them).
 
     Args:
         logger_or_run: a Lightning ``WandbLogger``, a list of loggers (``trainer.loggers``: the first W&B one is
@@ -164,6 +166,7 @@ def build_rows(
                         _label(example.label, class_names),
                         _float(scores[rank] if rank < len(scores) else None),
                         _float(distances[rank] if rank < len(distances) else None),
+                        "; ".join(getattr(result, "flags", None) or []),
                     ]
                 )
     return rows

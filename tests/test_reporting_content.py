@@ -1,0 +1,120 @@
+"""What the report and the JSONL say (issue 9, item 18): "dist" and a score's size explained, the solver string
+never wrapped inside a number, details with the full settings, flags shown, training labels and the query split
+in every JSONL record, and the W&B table's flags column."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import lightning_fastif as lf
+from lightning_fastif.reporting import WANDB_COLUMNS, build_rows, render_html_report
+from lightning_fastif.results import InfluenceResult
+
+SOLVER = "LiSSASolver(damping=0.01, scale=25.0, depth=1000, repeats=4, batch_size=8, seed=0)"
+
+
+def _result(**kw) -> InfluenceResult:
+    base = dict(
+        query_id=0,
+        label=3,
+        prediction=5,
+        helpful_ids=[1, 2],
+        helpful_scores=[-40.0, -2.0],
+        harmful_ids=[7],
+        harmful_scores=[3.0],
+        num_candidates=9,
+        query_loss=0.7,
+        loss="CrossEntropyLoss(label_smoothing=0.1) from model.criterion",
+        flags=["saturated_query: loss 0, gradient 0, every score is 0"],
+        extra={"solver": "lissa", "solver_config": SOLVER, "curvature": "hessian", "damping": 0.01},
+    )
+    base.update(kw)
+    return InfluenceResult(**base)
+
+
+def _text(html: str) -> str:
+    return re.sub(r"<[^>]+>", "", html)
+
+
+def test_report_explains_dist_and_the_size_of_a_score():
+    summary = {"training examples": 1000, "solver": SOLVER}
+    with_knn = render_html_report(
+        [_result(helpful_distances=[0.5, 0.7], harmful_distances=[1.2])], summary=summary
+    )
+    text = _text(with_knn)
+    assert (
+        "−I/N" in text and "N = 1,000" in text and "a score of −50 means removing z raises the loss" in text
+    )
+    assert "dist: the L2 distance between the features of the query and of the training example" in text
+    full_scan = _text(render_html_report([_result()], summary=summary))
+    assert "−I/N" in full_scan and "dist:" not in full_scan  # no distances: nothing to explain
+
+
+def test_solver_string_wraps_only_between_its_arguments():
+    html = render_html_report([_result()], summary={"solver": SOLVER})
+    (cell,) = re.findall(r"<dt>solver</dt><dd>(.*?)</dd>", html)
+    spans = re.findall(r'<span class="nw">([^<]*)</span>', cell)
+    assert " ".join(spans) == SOLVER  # every piece between spaces is unbreakable: no number is ever split
+    assert all(re.fullmatch(r"[^ ]+", s) for s in spans) and "scale=25.0," in spans
+    css = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
+    assert "overflow-wrap:anywhere" not in css.split(".summary dd")[1].split("}")[0]
+    assert re.search(r'<div class="wide"><dt>solver</dt>', html)  # the long value takes a whole row
+
+
+def test_details_show_solver_config_loss_curvature_flags_and_timings():
+    summary = {"seconds/s_test": 1.25, "seconds/scoring": 0.5, "solver": SOLVER}
+    html = render_html_report([_result(query_split="test")], summary=summary)
+    (details,) = re.findall(r"<details><summary>details</summary><pre>(.*?)</pre></details>", html, re.S)
+    for line in (
+        "query split: test",
+        "loss function: CrossEntropyLoss(label_smoothing=0.1) from model.criterion",
+        "flags: saturated_query: loss 0, gradient 0, every score is 0",
+        f"solver_config: {SOLVER}",
+        "curvature: hessian",
+        "seconds/s_test: 1.25",
+        "seconds/scoring: 0.5",
+    ):
+        assert line in details.replace("&#x27;", "'"), line
+    assert '<span class="flags">saturated_query' in html  # the flag is shown on the card, not only in details
+
+
+def test_wandb_rows_carry_the_query_flags():
+    rows = build_rows([_result(), _result(query_id=1, flags=[])])
+    by_col = [dict(zip(WANDB_COLUMNS, r)) for r in rows]
+    assert WANDB_COLUMNS[-1] == "query_flags"
+    assert {r["query_flags"] for r in by_col if r["query_id"] == 0} == {
+        "saturated_query: loss 0, gradient 0, every score is 0"
+    }
+    assert {r["query_flags"] for r in by_col if r["query_id"] == 1} == {""}
+
+
+@pytest.mark.parametrize("dataset", ["tensor", "list"])
+def test_jsonl_records_carry_training_labels_and_the_query_split(tmp_path: Path, dataset: str):
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    train = TensorDataset(x, y) if dataset == "tensor" else [(x[i], y[i]) for i in range(40)]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    im = lf.InfluenceModule(model, train, solver=lf.ExactSolver(damping=0.1), num_candidates=None, top_k=3)
+    trainer = pl.Trainer(
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[lf.InfluenceWriter(tmp_path, query_split="val")],
+    )
+    trainer.predict(
+        im, DataLoader(Subset(TensorDataset(x, y), [4, 9]), batch_size=2), return_predictions=False
+    )
+    records = [json.loads(line) for line in (tmp_path / "influence.jsonl").read_text().splitlines()]
+    assert [r["query_id"] for r in records] == [4, 9]
+    for r in records:
+        assert r["query_split"] == "val"
+        assert r["helpful_ids"] or r["harmful_ids"]
+        assert r["helpful_labels"] == [int(y[i]) for i in r["helpful_ids"]]
+        assert r["harmful_labels"] == [int(y[i]) for i in r["harmful_ids"]]
