@@ -64,7 +64,7 @@ def run_correct(
             "Expected `slice` in the config (e.g. `slice: {kind: pair, label: 3, predicted: 8}`), but got none."
         )
     test, collate = _split(datamodule, slice_spec.split, "slice.split")
-    ids = select_slice(im.model, test, slice_spec, collate)
+    ids = select_slice(im.model, test, slice_spec, collate, getattr(im, "forward_fn", None))
     rank_zero_info(
         f"lightning_fastif correct: slice {slice_spec.describe()!r}: {len(ids)} {slice_spec.split} examples"
     )
@@ -79,9 +79,11 @@ def run_correct(
         test_collate_fn=collate,
         loggers=[] if not trainer.is_global_zero else trainer.loggers,
     )
+    data = result.to_dict()
+    if not trainer.is_global_zero:  # the loop runs in every process alike (it is not sharded); rank 0 writes
+        return data
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = result.to_dict()
     from lightning_fastif.reporting.html import atomic_write_text
 
     atomic_write_text(out / "correction.json", json.dumps(data, indent=2))

@@ -155,8 +155,11 @@ def predictions(
     ids: Sequence[int] | None = None,
     collate_fn: Any = None,
     batch_size: int = 512,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(predicted classes [n], labels [n])`` of ``dataset`` rows ``ids`` (all if None), model in eval mode."""
+    """``(predicted classes [n], labels [n])`` of ``dataset`` rows ``ids`` (all if None), model in eval mode.
+
+    ``forward_fn(model, batch)`` calls the model (default: ``model(x)`` / ``model(**inputs)``)."""
     part = dataset if ids is None else Subset(dataset, list(ids))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     preds, labels = [], []
@@ -166,7 +169,7 @@ def predictions(
         with torch.no_grad():
             for batch in DataLoader(part, batch_size=batch_size, collate_fn=collate_fn):
                 batch = move_to(batch, device)
-                logits, y = logits_of(call_model(model, batch)), labels_of(batch)
+                logits, y = logits_of(call_model(model, batch, forward_fn)), labels_of(batch)
                 if logits is None or y is None or logits.dim() != 2:
                     raise ConfigurationError(
                         "Expected a classifier (logits [B, C]) and labelled batches for error correction, but the "
@@ -182,7 +185,13 @@ def predictions(
     return torch.cat(preds), torch.cat(labels)
 
 
-def select_slice(model: nn.Module, dataset: Any, spec: SliceSpec, collate_fn: Any = None) -> list[int]:
+def select_slice(
+    model: nn.Module,
+    dataset: Any,
+    spec: SliceSpec,
+    collate_fn: Any = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> list[int]:
     """Positions in ``dataset`` of the slice ``spec`` names, under ``model``'s current predictions.
 
     Example:
@@ -194,7 +203,7 @@ def select_slice(model: nn.Module, dataset: Any, spec: SliceSpec, collate_fn: An
         if bad:
             raise ConfigurationError(f"Expected `slice.ids` to lie in [0, {n}), but got {bad[:10]}.")
         return sorted({int(i) for i in spec.ids or []})
-    preds, labels = predictions(model, dataset, collate_fn=collate_fn)
+    preds, labels = predictions(model, dataset, collate_fn=collate_fn, forward_fn=forward_fn)
     wrong = (labels == spec.label) & (preds != spec.label)
     if spec.kind == "pair":
         wrong &= preds == spec.predicted
@@ -250,10 +259,12 @@ def sgd_step(
     return float(value)
 
 
-def _accuracy(model: nn.Module, dataset: Any, ids: Sequence[int] | None, collate_fn: Any, bs: int) -> float:
+def _accuracy(
+    model: nn.Module, dataset: Any, ids: Sequence[int] | None, collate_fn: Any, bs: int, fwd: Any = None
+) -> float:
     if ids is not None and len(ids) == 0:
         return float("nan")
-    preds, labels = predictions(model, dataset, ids, collate_fn, bs)
+    preds, labels = predictions(model, dataset, ids, collate_fn, bs, fwd)
     return float((preds == labels).float().mean()) if len(labels) else float("nan")
 
 
@@ -424,6 +435,7 @@ def correct(
     seconds: dict[str, float] = {}
     corrected = None
     bs = settings.eval_batch_size
+    fwd = getattr(im, "forward_fn", None)  # how the user's model is called on a batch
     for method in settings.methods:
         start = time.perf_counter()
         curves[method] = {"slice": [], "test": []}
@@ -432,8 +444,8 @@ def correct(
             model = copy.deepcopy(im.model)  # every run fine-tunes its own copy
             loss = rebind(im, model, index=index).loss  # the user's loss (and forward), resolved for the copy
             held = splits[s_i][1]
-            acc_s = [_accuracy(model, test_dataset, held, collate, bs)]
-            acc_t = [_accuracy(model, test_dataset, None, collate, bs)]
+            acc_s = [_accuracy(model, test_dataset, held, collate, bs, fwd)]
+            acc_t = [_accuracy(model, test_dataset, None, collate, bs, fwd)]
             chosen: list[list[int]] = []
             rng = torch.Generator().manual_seed(10_007 * int(seed) + 1)
             for step in range(settings.steps):
@@ -452,8 +464,8 @@ def correct(
                     batch = fetch(pool, ids, im._user_collate)
                 sgd_step(model, loss, im.param_patterns, batch, settings.lr)
                 chosen.append([int(i) for i in ids])
-                acc_s.append(_accuracy(model, test_dataset, held, collate, bs))
-                acc_t.append(_accuracy(model, test_dataset, None, collate, bs))
+                acc_s.append(_accuracy(model, test_dataset, held, collate, bs, fwd))
+                acc_t.append(_accuracy(model, test_dataset, None, collate, bs, fwd))
             curves[method]["slice"].append(acc_s)
             curves[method]["test"].append(acc_t)
             selected[method].append(chosen)

@@ -102,7 +102,7 @@ def explain_group(im: Any, batch: Any, query_ids: Sequence[int] | None = None) -
     theta, spec = im._theta()
     with eval_mode(im.model):
         losses = im.loss(spec.unflatten(theta), batch).detach()
-        logits = logits_of(call_model(im.model, batch))
+        logits = logits_of(call_model(im.model, batch, getattr(im, "forward_fn", None)))
     labels = labels_of(batch)
     preds = logits.argmax(-1) if logits is not None and logits.dim() == 2 else None
     s = group_s_test(im, batch)
