@@ -120,6 +120,26 @@ def test_group_s_test_on_a_batchnorm_cnn_keeps_the_running_statistics():
     assert _same_state(before, _state(model)) and not model.training
 
 
+def test_group_query_on_a_hugging_face_bert_with_dict_batches():
+    from _models import hf_bert
+
+    model, train, query = hf_bert("eager", n_train=24, n_query=3, steps=3)
+    im = lf.InfluenceModule(
+        model,
+        train,
+        params=["classifier.*"],
+        solver=lf.ExactSolver(damping=0.1),
+        num_candidates=None,
+        top_k=3,
+        progress=False,
+    )
+    torch.testing.assert_close(group_s_test(im, query)[0], im.s_test(query).mean(0), rtol=1e-4, atol=1e-6)
+    res = im.explain_group(query, [5, 6, 7])
+    scores = group_influence(im, query)
+    assert res.group == [5, 6, 7] and res.helpful_ids == torch.argsort(scores)[:3].tolist()
+    assert res.extra["group_labels"] == query["labels"].tolist() and len(res.extra["group_predictions"]) == 3
+
+
 # ------------------------------------------------------------------------------------------------ pools
 def test_pool_scores_other_data_with_the_training_curvature(digits_l2_1e3, exact):
     p = digits_l2_1e3
