@@ -127,6 +127,18 @@ class InfluenceReport(pl.Callback):
         diag = getattr(solver, "diagnostics", None)
         if diag is not None:
             out["solver iterations (last)"] = diag.iterations
+            # issue 10: convergence is never silent (the same fields are in every JSONL record's `extra`)
+            from lightning_fastif.solver_choice import solver_record
+
+            rec = solver_record(solver)
+            conv = rec.get("convergence") or {}
+            if conv.get("value") is not None:
+                out["solver converged"] = (
+                    f"{rec['converged']} ({conv['measure']} {conv['value']:.3g}, tolerance {conv['tolerance']:.3g})"
+                )
+            for key in ("curvature", "damping", "solver_choice"):
+                if rec.get(key) is not None:
+                    out[f"solver {key.replace('solver_', '')}"] = rec[key]
         return out
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
