@@ -441,7 +441,7 @@ def correct(
         curves[method] = {"slice": [], "test": []}
         selected[method] = []
         for s_i, seed in enumerate(settings.seeds):
-            model = copy.deepcopy(im.model)  # every run fine-tunes its own copy
+            model = _copy_model(im.model)  # every run fine-tunes its own copy
             loss = rebind(im, model, index=index).loss  # the user's loss (and forward), resolved for the copy
             held = splits[s_i][1]
             acc_s = [_accuracy(model, test_dataset, held, collate, bs, fwd)]
@@ -501,6 +501,18 @@ def correct(
     )
     _log(loggers, result)
     return result
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, without the Trainer a LightningModule may be attached to (not copied, not kept)."""
+    trainer = getattr(model, "_trainer", None)
+    if trainer is None:
+        return copy.deepcopy(model)
+    model._trainer = None
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model._trainer = trainer
 
 
 def _needs_candidates(im: Any, settings: CorrectionSettings) -> bool:
