@@ -233,6 +233,8 @@ def test_correct_runs_every_baseline_on_copies_under_the_same_anchors():
         assert res.selected["helpful"][s_i][0] == union[torch.argsort(scores)[:5]].tolist()
         assert res.selected["harmful"][s_i][0] == union[torch.argsort(scores, descending=True)[:5]].tolist()
     assert res.model is not model and not _same_state(before, _state(res.model))
+    corrected = _state(res.model)  # only the selected parameters (the head, "2.*") moved
+    assert all(torch.equal(before[k], corrected[k]) for k in before if not k.startswith("2."))
     rows = {r["method"]: r for r in res.rows()}
     assert rows["helpful"]["seeds"] == 3 and rows["helpful"]["slice_before"] == 0.0
     html = render_correction_report(res)
