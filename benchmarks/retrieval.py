@@ -10,7 +10,8 @@ Problems (as ``benchmarks/fastif_speedup.py``): MNIST 60,000 with a tanh MLP 784
 200,000 (a 32-d Gaussian mixture, MLP 32-128-128-10). Parameter sets: the head (s_test by ExactSolver, cached) and
 all parameters (s_test by LiSSA with scale="auto", depth 100: the retrieval is measured against the full scan with
 the same s_test, so the solver's accuracy does not enter the recall). Gradient sketches: the exact head sketch
-(C (d+1) numbers), and the Kronecker (LoGra) projection at the default dimension 1024.
+(C (d+1) numbers), and the Kronecker (LoGra) projection at the default dimension 1024 (and 4096 on MNIST, all
+parameters).
 
 Run: ``python benchmarks/retrieval.py`` (``--quick``: 10,000 MNIST images, 20,000 generated, 4 queries).
 """
@@ -169,6 +170,8 @@ def main() -> None:
         model.eval()
         ds = TensorDataset(xtr, ytr)
         head = [f"{len(model) - 1}.*"]
+        # a 4x wider Kronecker sketch where it fits in memory (MNIST: 60k x ~4k floats = 1 GB; 200k would be 3.3 GB)
+        wide = {"gradients kronecker 4096": {"method": "kronecker", "dim": 4096}} if len(ds) <= 60000 else {}
         with tempfile.TemporaryDirectory() as tmp:
             for params, solver, sketches in (
                 (
@@ -179,7 +182,7 @@ def main() -> None:
                         "gradients kronecker": {"method": "kronecker"},
                     },
                 ),
-                (None, lissa, {"gradients kronecker": {"method": "kronecker"}}),
+                (None, lissa, {"gradients kronecker": {"method": "kronecker"}, **wide}),
             ):
                 label = f"{name} {'head' if params else 'all parameters'}"
                 case_dir = Path(tmp) / label.replace(" ", "_")

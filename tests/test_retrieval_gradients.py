@@ -403,10 +403,17 @@ def test_cli_index_influence_and_evaluate_in_gradient_space(tmp_path, capsys):
     main(["fit", *common, "-c", str(configs / "digits_fit.yaml"), "--trainer.max_epochs=1", *quiet])
     ckpt = f"--ckpt_path={tmp_path / 'checkpoints' / 'model.ckpt'}"
     main(
-        ["index", *common, ckpt, f"--index_dir={tmp_path / 'grad'}", "--space=gradients", "--sketch_dim=256"]
+        [
+            "index",
+            *common,
+            ckpt,
+            f"--index_dir={tmp_path / 'grad'}",
+            "--space=gradients",
+            '--params=["head.*"]',
+        ]
     )
     meta = json.loads((tmp_path / "grad" / "meta.json").read_text())
-    assert meta["space"] == "gradients" and meta["sketch"]["method"] == "kronecker"
+    assert meta["space"] == "gradients" and meta["sketch"]["method"] == "head"  # exact head sketches
     main(
         [
             "influence",
@@ -416,8 +423,7 @@ def test_cli_index_influence_and_evaluate_in_gradient_space(tmp_path, capsys):
             f"--index_dir={tmp_path / 'grad'}",
             "--candidates=gradients",
             "--num_candidates=100",
-            "--solver.init_args.depth=20",
-            "--solver.init_args.repeats=1",
+            '--params=["head.*"]',
             "--queries.n=2",
             "--report=false",
             *quiet,
@@ -434,7 +440,7 @@ def test_cli_index_influence_and_evaluate_in_gradient_space(tmp_path, capsys):
                 "-c",
                 str(configs / "digits_influence.yaml"),
                 "--candidates=gradients",
-                "--solver.init_args.depth=20",
+                '--params=["head.*"]',
                 "--queries.n=1",
                 "--report=false",
                 *quiet,
@@ -450,7 +456,7 @@ def test_cli_index_influence_and_evaluate_in_gradient_space(tmp_path, capsys):
             "--queries.n=2",
             "--ks=[10,100]",
             "--loo_removals=0",
-            "--solver.init_args.depth=20",
+            '--params=["head.*"]',
             *quiet,
         ]
     )
@@ -489,7 +495,10 @@ def test_ivf_and_hnsw_inner_product_indexes_agree_with_the_exact_search(trained,
     _, got = hnsw.candidates(s, 40)
     overlap = [len(set(a) & set(b)) / 40 for a, b in zip(got.tolist(), want.tolist())]
     assert min(overlap) >= 0.9, overlap
-    for name, built in (("ivf", ivf), ("hnsw", hnsw)):  # their folders read back (memory-mapped) to the same search
+    for name, built in (
+        ("ivf", ivf),
+        ("hnsw", hnsw),
+    ):  # their folders read back (memory-mapped) to the same search
         save_gradient_index(built, tmp_path / name)
         loaded = load_gradient_index(tmp_path / name, sketcher=built.sketcher)
         assert torch.equal(loaded.candidates(s, 40)[1], built.candidates(s, 40)[1])

@@ -226,9 +226,18 @@ class KroneckerProjection:
 
 
 def kronecker_sizes(shapes: Sequence[tuple[int, int]], dim: int) -> list[tuple[int, int]]:
-    """``(k_out, k_in)`` per layer ``(out, in)`` for a total sketch of about ``dim`` numbers.
+    """``(k_out, k_in)`` per layer ``(out, in)`` for a total sketch of at most ``dim`` numbers (at least 1 each).
 
-    Every layer gets ``r = round(sqrt(dim / layers))`` per factor, capped by the factor's size (then exact).
+    Every factor gets the same size ``r``, capped by the factor's own size (then exact); ``r`` is the largest for
+    which the total ``sum(min(r, out) * min(r, in))`` stays within ``dim``, so the budget a small layer cannot
+    use goes to the others.
     """
-    r = max(1, round(math.sqrt(dim / max(1, len(shapes)))))
+
+    def total(r: int) -> int:
+        return sum(min(r, out) * min(r, inp) for out, inp in shapes)
+
+    r = 1
+    biggest = max((max(out, inp) for out, inp in shapes), default=1)
+    while r < biggest and total(r + 1) <= dim:
+        r += 1
     return [(min(r, out), min(r, inp)) for out, inp in shapes]
