@@ -400,17 +400,15 @@ class GradientIndex:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
             raise ConfigurationError(f"Expected `num_candidates` to be an int in [1, {n}], but got {k!r}.")
         q = self.sketcher.query(s_test)
-        m = min(n, k)
-        pos_d, pos = self.index.search(q, m)
-        neg_d, neg = self.index.search(-q, m)
-        ids = mips_union(pos, neg, k)
-        approx = {}
-        for row in range(q.shape[0]):
-            approx[row] = dict(zip(pos[row].tolist(), pos_d[row].tolist()))
-            approx[row].update({i: -d for i, d in zip(neg[row].tolist(), neg_d[row].tolist())})
-        dots = torch.tensor(
-            [[approx[r].get(i, float("nan")) for i in ids[r].tolist()] for r in range(q.shape[0])]
-        )
+        m, nq = min(n, k), q.shape[0]
+        dist, found = self.index.search(torch.cat([q, -q]), m)  # one call: both sides share the scan
+        ids = mips_union(found[:nq], found[nq:], k)
+        dots = torch.full((nq, k), float("nan"))
+        buf = torch.full((n,), float("nan"))
+        for row in range(nq):
+            buf[found[row + nq]] = -dist[row + nq]
+            buf[found[row]] = dist[row]
+            dots[row] = buf[ids[row]]
         return dots, ids
 
 
