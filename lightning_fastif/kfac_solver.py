@@ -31,6 +31,7 @@ from lightning_fastif.functional.kfac import (
     fit_factors,
     kfac_layers,
     kfac_unsupported,
+    preconditioned_cg,
     solve_kfac,
 )
 from lightning_fastif.functional.solvers import Solver, SolverDiagnostics, _check_number
@@ -65,11 +66,18 @@ class _KroneckerSolver(Solver):
         overwrite: bool = False,
         residual: str = "batch",
         residual_batch_size: int = 512,
+        refine: int = 0,
+        tol: float = 1e-3,
         **kwargs: Any,
     ) -> None:
         super().__init__(damping, **kwargs)
+        _check_number("refine", refine, low=0, integer=True)
+        _check_number("tol", tol, low=0.0, strict=True)
+        self.refine, self.tol = int(refine), float(tol)
         if fisher not in FISHER_KINDS:
-            raise ConfigurationError(f"Expected `fisher` to be 'true' or 'empirical', but got {fisher!r}.")
+            raise ConfigurationError(
+                f"Expected `fisher` to be 'true', 'exact' or 'empirical', but got {fisher!r}."
+            )
         if factors_dir is not None and not isinstance(factors_dir, (str, Path)):
             raise ConfigurationError(f"Expected `factors_dir` to be a path or None, but got {factors_dir!r}.")
         if batch_size is not None:
@@ -106,6 +114,8 @@ class _KroneckerSolver(Solver):
             "seed": self.seed,
             "residual": self.residual,
         }
+        if self.refine:
+            cfg.update(refine=self.refine, tol=self.tol)
         if getattr(self, "strict", False):
             cfg["strict"] = True
         return cfg
@@ -118,7 +128,7 @@ class _KroneckerSolver(Solver):
         model = _model_of(curvature)
         kfac_layers(model, curvature.spec.names)  # a clear error for unsupported parameters, before any pass
         mode = fisher_mode(curvature.loss, self.fisher)
-        if self.fisher == "true" and mode == "empirical":
+        if self.fisher != "empirical" and mode == "empirical":
             _msg(
                 f"{type(self).__name__}: the loss is the module's own `per_example_loss`, which cannot be split "
                 "into outputs and a loss of the outputs, so no labels can be sampled: using the empirical Fisher "
@@ -163,32 +173,44 @@ class _KroneckerSolver(Solver):
         cached = self.factors is not None
         factors = self.fit(curvature)
         solve_start = time.perf_counter()
-        x = solve_kfac(factors, curvature.spec, vectors, self.damping, self.kind)
+        if self.refine:
+            x, iterations, value, measured_on = self._refined(curvature, factors, vectors)
+            tolerance = self.tol
+        else:
+            x = solve_kfac(factors, curvature.spec, vectors, self.damping, self.kind)
+            iterations, tolerance = 1, RESIDUAL_TOLERANCE
+            value, measured_on = self._residual(curvature, x, vectors)
         solve_seconds = time.perf_counter() - solve_start
-        value, measured_on = self._residual(curvature, x, vectors)
         measured = value is not None
+        label = "EK-FAC" if self.kind == "ekfac" else "K-FAC"
         extra = {
-            "curvature": f"fisher ({self.kind.upper().replace('EKFAC', 'EK-FAC').replace('KFAC', 'K-FAC')}, "
-            f"{fisher_mode(curvature.loss, self.fisher)})",
+            "curvature": f"fisher ({label}, {fisher_mode(curvature.loss, self.fisher)})"
+            + (f", refined by {iterations} preconditioned CG steps on {measured_on}" if self.refine else ""),
             "layers": len(factors.slots),
             "fit_seconds": self.fit_seconds,
             "solve_seconds": solve_seconds,
             "cached_factors": cached,
             "residual_on": measured_on,
-            "note": "a structured inverse: approximate by design, not an iteration; the measure is the relative "
-            "residual of x against the damped Gauss-Newton system (of one training batch unless residual='full')",
+            "note": (
+                "EK-FAC-preconditioned CG: the measure is the relative residual of the CG recurrence on the full "
+                "training set"
+                if self.refine
+                else "a structured inverse: approximate by design, not an iteration; the measure is the relative "
+                "residual of x against the damped Gauss-Newton system (of one training batch unless "
+                "residual='full')"
+            ),
         }
         self.diagnostics = _diagnostics(
             self.name,
-            iterations=1,
+            iterations=iterations,
             residual_norm=value,
             estimate_norm=float(x.norm(dim=-1).max()) if x.numel() else 0.0,
-            converged=(not measured) or value <= RESIDUAL_TOLERANCE,
+            converged=(not measured) or value <= tolerance,
             seconds=time.perf_counter() - start,
             extra=extra,
             measure="relative_residual" if measured else "not_measured",
             value=value if measured else float("nan"),
-            tolerance=RESIDUAL_TOLERANCE,
+            tolerance=tolerance,
         )
         report = getattr(self, "_report", None)
         if callable(report):
@@ -196,16 +218,35 @@ class _KroneckerSolver(Solver):
         return x
 
     # ------------------------------------------------------------------ helpers
+    def _gauss_newton(self, curvature: TrainingCurvature) -> TrainingCurvature:
+        can_split = getattr(curvature, "can_split", None)
+        with_mode = getattr(curvature, "with_mode", None)
+        if callable(with_mode) and callable(can_split) and can_split():
+            return with_mode("gauss_newton")
+        return curvature
+
+    def _refined(
+        self, curvature: TrainingCurvature, factors: KFACFactors, vectors: Tensor
+    ) -> tuple[Tensor, int, float, str]:
+        """``refine`` steps of CG on the full Gauss-Newton system, preconditioned by the fitted factors."""
+        cur = self._gauss_newton(curvature)
+        with _eval(_model_of(curvature)):
+            x, iterations, rel = preconditioned_cg(
+                cur.hvp,
+                vectors,
+                lambda r: solve_kfac(factors, curvature.spec, r, self.damping, self.kind),
+                self.damping,
+                self.refine,
+                self.tol,
+            )
+        return x, iterations, rel, f"{getattr(cur, 'kind', 'hessian')}, full training set"
+
     def _residual(self, curvature: TrainingCurvature, x: Tensor, v: Tensor) -> tuple[float | None, str]:
         """``max_q ||(C + damping I) x - v|| / ||v||`` with C the Gauss-Newton matrix (the Hessian when the loss
         cannot be split), on one seeded training batch or the full training set."""
         if self.residual == "none" or x.numel() == 0:
             return None, "none"
-        cur = curvature
-        can_split = getattr(curvature, "can_split", None)
-        with_mode = getattr(curvature, "with_mode", None)
-        if callable(with_mode) and callable(can_split) and can_split():
-            cur = with_mode("gauss_newton")
+        cur = self._gauss_newton(curvature)
         what = getattr(cur, "kind", "hessian")
         model = _model_of(curvature)
         with _eval(model):
@@ -245,7 +286,10 @@ class EKFACSolver(_KroneckerSolver):
 
     Args:
         damping: lambda >= 0 added to every eigenvalue.
-        fisher: ``"true"`` (labels sampled from the model, seeded per example) or ``"empirical"`` (real labels).
+        fisher: ``"true"`` (one label per example sampled from the model, seeded per example: kronfluence's
+            choice), ``"exact"`` (the expectation over the model's labels in closed form, one backward pass per
+            output: the Gauss-Newton blocks themselves, no sampling noise; for models with few outputs) or
+            ``"empirical"`` (the real labels).
         factors_dir: folder to save the factors in and reuse them from (model and data fingerprints checked).
         batch_size: fitting batch size (default: the module's ``batch_size``).
         seed: seed of the sampled labels.
@@ -255,6 +299,10 @@ class EKFACSolver(_KroneckerSolver):
             training set: one more pass per solve) or ``"none"``. A structured inverse is not iterated, so the
             residual says how far it is from that system; ``converged`` is ``residual <= 0.5``.
         residual_batch_size: batch size of ``residual="batch"``.
+        refine: after the structured solve, up to this many steps of conjugate gradient on the full Gauss-Newton
+            system (one training-set pass each), preconditioned by the factors: the answer then tends to the exact
+            one, and the measure is CG's relative residual (converged at ``tol``). 0 (default): no refinement.
+        tol: the relative residual at which ``refine`` stops.
 
     Raises:
         UnsupportedModelError: (at the first solve) some selected parameters are not in a supported layer.

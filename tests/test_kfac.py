@@ -95,6 +95,32 @@ def test_true_fisher_samples_labels_from_the_model():
     torch.testing.assert_close(again.g_cov[""], factors.g_cov[""], rtol=0, atol=0)  # seeded
 
 
+def test_exact_fisher_is_the_gauss_newton_matrix_diagonal_in_the_kronecker_basis():
+    # fisher="exact": the expectation over labels in closed form, so K-FAC's G of a single Linear layer is
+    # mean_x (diag(p) - p p^T) exactly, and EK-FAC's eigenvalues are the diagonal of the Gauss-Newton block
+    # J^T (diag(p) - p p^T) J in the Kronecker eigenbasis (J by torch.func.jacrev, per example, float64)
+    from torch.func import functional_call, jacrev
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(25, 5, dtype=torch.float64), torch.randint(0, 3, (25,))
+    cur = _curvature(model, TensorDataset(x, y), batch_size=10)
+    factors, _ = _fit(EKFACSolver, cur, fisher="exact")
+    p = torch.softmax(model(x), 1).detach()
+    hess = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    h = torch.cat([torch.tanh(model[0](x)), torch.ones(25, 1, dtype=torch.float64)], 1).detach()
+    torch.testing.assert_close(factors.g_cov["2"], hess.mean(0))
+    torch.testing.assert_close(factors.a_cov["2"], h.T @ h / 25)
+    params = {n: t.detach() for n, t in model.named_parameters()}
+    jac = jacrev(lambda prm: functional_call(model, prm, (x,)))(params)  # {name: [N, C, *shape]}
+    for slot in factors.slots:
+        j = torch.cat([jac[slot.weight], jac[slot.bias][..., None]], -1).flatten(2)  # [N, C, out * a]
+        ggn = torch.einsum("nci,ncd,ndj->ij", j, hess, j) / 25
+        q = torch.kron(factors.g_evec[slot.module], factors.a_evec[slot.module])
+        want = torch.diagonal(q.T @ ggn @ q).reshape(slot.out_dim, slot.a_dim)
+        torch.testing.assert_close(factors.corrected[slot.module], want, rtol=1e-8, atol=1e-13)
+
+
 @pytest.fixture(scope="module")
 def mlp_problem():
     torch.manual_seed(0)
@@ -229,8 +255,8 @@ def test_unsupported_parameters_are_named():
     x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 2, (8,))
     with pytest.raises(UnsupportedModelError, match="norm.weight"):
         EKFACSolver(damping=0.1).solve(_curvature(model, TensorDataset(x, y)), torch.zeros(1, 51))
-    with pytest.raises(ConfigurationError, match="`fisher`.*'true' or 'empirical'.*'exact'"):
-        EKFACSolver(damping=0.1, fisher="exact")
+    with pytest.raises(ConfigurationError, match="`fisher`.*'true', 'exact' or 'empirical'.*'sampled'"):
+        EKFACSolver(damping=0.1, fisher="sampled")
     with pytest.raises(ConfigurationError, match="`damping`"):
         KFACSolver(damping=-1.0)
 
@@ -375,3 +401,18 @@ def test_ddp_factors_equal_one_process(tmp_path):
         assert got["harmful_ids"] == want["harmful_ids"] and got["helpful_ids"] == want["helpful_ids"]
         torch.testing.assert_close(torch.tensor(got["harmful_scores"]), torch.tensor(want["harmful_scores"]),
                                    rtol=1e-6, atol=1e-12)  # fmt: skip
+
+
+def test_refine_runs_preconditioned_cg_to_the_exact_gauss_newton_solution(mlp_problem):
+    model, ds = mlp_problem
+    cur = _curvature(model, ds, batch_size=7)
+    v = torch.randn(3, cur.spec.numel, dtype=torch.float64)
+    ggn = cur.with_mode("gauss_newton").matrix()
+    want = torch.linalg.solve(ggn + 0.05 * torch.eye(cur.spec.numel, dtype=torch.float64), v.T).T
+    solver = EKFACSolver(damping=0.05, refine=100, tol=1e-10)
+    got = solver.solve(cur, v)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    d = solver.diagnostics
+    assert d.converged and d.residual_norm <= 1e-10 and 1 < d.iterations < 100
+    plain = EKFACSolver(damping=0.05).solve(cur, v)
+    assert (plain - want).norm() > 1e-3 * want.norm()  # the structured inverse alone is not exact

@@ -18,8 +18,10 @@ Layers are independent blocks (block-diagonal over layers). The damped inverse-v
 seeded by the example's position so that sharding does not change it): for the default classification loss a
 categorical draw from ``softmax(logits)``; for a separable ``loss_fn`` a draw ``r ~ N(0, H_out)`` from the
 per-example Hessian of the loss with respect to the outputs (for cross-entropy both have covariance
-``diag(p) - p p^T``: the Fisher equals the Gauss-Newton matrix). ``fisher="empirical"`` backpropagates the real
-labels' losses.
+``diag(p) - p p^T``: the Fisher equals the Gauss-Newton matrix). ``fisher="exact"`` takes that expectation in
+closed form instead of drawing from it: ``K`` backward passes per batch with the columns of a root ``R R^T = H_out``
+(``r_c = sqrt(p_c) (e_c - p)`` for cross-entropy), so the factors are those of the Gauss-Newton matrix itself (no
+Monte Carlo noise; ``K`` times the backward cost). ``fisher="empirical"`` backpropagates the real labels' losses.
 
 Imports torch only.
 """
@@ -52,10 +54,11 @@ __all__ = [
     "kfac_layers",
     "kfac_unsupported",
     "layer_matrices",
+    "preconditioned_cg",
     "solve_kfac",
 ]
 
-FISHER_KINDS = ("true", "empirical")
+FISHER_KINDS = ("true", "exact", "empirical")
 MAX_OUTPUT_DIM = 256
 """Largest per-example output size for which ``fisher="true"`` samples from the output Hessian of a ``loss_fn``."""
 
@@ -219,27 +222,29 @@ def _example_noise(seed: int, ids: list[int], shape: tuple[int, ...], kind: str,
     return torch.stack(rows).to(device=like.device, dtype=like.dtype)
 
 
-def _sampled_output_grads(loss: Any, outputs: Tensor, batch: Any, ids: list[int], seed: int) -> Tensor:
-    """``r_i ~ N(0, H_i)`` with ``H_i`` the Hessian of example i's loss with respect to its outputs ``[B, ...]``."""
+def _output_hessian_root(loss: Any, outputs: Tensor, batch: Any) -> Tensor:
+    """``R [B, K, K]`` with ``R_i R_i^T = H_i``, the Hessian of example i's loss with respect to its ``K`` outputs
+    (negative eigenvalues of a non-convex loss clipped to 0)."""
     b = outputs.shape[0]
     k = outputs[0].numel()
     if k > MAX_OUTPUT_DIM:
         raise ConfigurationError(
-            f"Expected model outputs of at most {MAX_OUTPUT_DIM} values per example for `fisher='true'` with a "
-            f"`loss_fn`, but got {k}. Use `fisher='empirical'`."
+            f"Expected model outputs of at most {MAX_OUTPUT_DIM} values per example for a sampled or exact Fisher "
+            f"with a `loss_fn`, but got {k}. Use `fisher='empirical'`."
         )
-    o = outputs.detach().requires_grad_(True)
-    g = torch.autograd.grad(loss(o, batch).sum(), o, create_graph=True)[0].reshape(b, k)
-    cols = []
-    for j in range(k):  # per-example losses: the Hessian is block diagonal, so one pass per output coordinate
-        (h,) = torch.autograd.grad(g[:, j].sum(), o, retain_graph=True, allow_unused=True)
-        cols.append(torch.zeros(b, k, dtype=o.dtype, device=o.device) if h is None else h.reshape(b, k))
-    hess = torch.stack(cols, -1)
+    with torch.enable_grad():
+        o = outputs.detach().requires_grad_(True)
+        g = torch.autograd.grad(loss(o, batch).sum(), o, create_graph=True)[0].reshape(b, k)
+        cols = []
+        for j in range(
+            k
+        ):  # per-example losses: the Hessian is block diagonal, so one pass per output coordinate
+            (h,) = torch.autograd.grad(g[:, j].sum(), o, retain_graph=True, allow_unused=True)
+            cols.append(torch.zeros(b, k, dtype=o.dtype, device=o.device) if h is None else h.reshape(b, k))
+    hess = torch.stack(cols, -1).detach()
     hess = 0.5 * (hess + hess.transpose(1, 2))
     evals, evecs = torch.linalg.eigh(hess)
-    root = evecs * evals.clamp_min(0).sqrt()[:, None, :]
-    eps = _example_noise(seed, ids, (k,), "normal", o)
-    return (root @ eps[:, :, None]).reshape(outputs.shape)
+    return evecs * evals.clamp_min(0).sqrt()[:, None, :]
 
 
 def fisher_mode(loss: Any, fisher: str) -> str:
@@ -250,10 +255,10 @@ def fisher_mode(loss: Any, fisher: str) -> str:
         return "empirical"
     source = getattr(loss, "source", "classification")
     if source == "classification":
-        return "sampled_labels"
+        return "sampled_labels" if fisher == "true" else "exact_labels"
     split = getattr(loss, "split", None)
     if callable(split) and split() is not None:
-        return "output_hessian"
+        return "output_hessian" if fisher == "true" else "exact_output_hessian"
     return "empirical"
 
 
@@ -299,7 +304,10 @@ def _position_mask(batch: Any, x: Tensor) -> Tensor | None:
 
 @dataclass
 class Captured:
-    """One batch's per-layer activations ``a [B, T, a_dim]`` and output gradients ``g [B, T, out]`` (masked)."""
+    """One batch's per-layer activations ``a [B, T, a_dim]`` and output gradients ``g [B, K, T, out]`` (masked).
+
+    ``K`` is the number of backward passes: 1 for a sampled or empirical Fisher, the number of outputs for the exact
+    expectation (the Fisher is the sum over the ``K`` passes)."""
 
     a: dict[str, Tensor]
     g: dict[str, Tensor]
@@ -325,50 +333,80 @@ def capture_batch(
         params: the selected parameters ``{name: tensor}`` (substituted functionally; the model is unchanged).
         batch: a training batch (already on the right device).
         ids: the dataset positions of the batch's examples (they seed the sampled labels).
-        fisher: ``"true"`` or ``"empirical"``.
+        fisher: ``"true"`` (one sampled label per example), ``"exact"`` (the expectation over labels) or
+            ``"empirical"``.
         seed: base seed of the sampled labels.
     """
     rec = _Recorder(model, slots)
     top: list[Any] = []
     top_handle = (
-        model.register_forward_hook(lambda _m, _a, out: top.append(out)) if fisher == "true" else None
+        model.register_forward_hook(lambda _m, _a, out: top.append(out)) if fisher != "empirical" else None
     )
     try:
         with torch.enable_grad():
             leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
             mode = fisher_mode(loss, fisher)
             if mode == "empirical":
-                roots, grad_out = [loss(leaves, batch).sum()], None
-            elif mode == "output_hessian":
+                roots, grad_outs = [loss(leaves, batch).sum()], [None]
+            elif mode in ("output_hessian", "exact_output_hessian"):
                 outputs_fn, loss_of_outputs = loss.split()
                 out = outputs_fn(leaves, batch)
-                roots, grad_out = [out], [_sampled_output_grads(loss_of_outputs, out, batch, ids, seed)]
+                if not isinstance(out, Tensor):
+                    raise ConfigurationError(
+                        f"Expected the model's outputs to be a tensor for `fisher={fisher!r}` with a `loss_fn`, "
+                        f"but got {type(out).__name__}. Use `fisher='empirical'`."
+                    )
+                root = _output_hessian_root(loss_of_outputs, out, batch)  # [B, K, K]
+                if mode == "output_hessian":  # one draw r ~ N(0, H_out) per example
+                    eps = _example_noise(seed, ids, (root.shape[1],), "normal", out)
+                    grad_outs = [(root @ eps[:, :, None]).reshape(out.shape)]
+                else:  # the expectation in closed form: one backward pass per column of the root
+                    grad_outs = [root[:, :, c].reshape(out.shape) for c in range(root.shape[2])]
+                roots = [out]
             else:
                 loss(leaves, batch)  # the forward pass fills the hooks; the real labels' loss is not used
                 logits = logits_of(top[-1]) if top else None
                 if logits is None or logits.dim() != 2:
                     raise ConfigurationError(
-                        "Expected logits [B, C] for `fisher='true'` with the default classification loss, but got "
-                        f"{None if logits is None else tuple(logits.shape)}. Use `fisher='empirical'`."
+                        f"Expected logits [B, C] for `fisher={fisher!r}` with the default classification loss, but "
+                        f"got {None if logits is None else tuple(logits.shape)}. Use `fisher='empirical'`."
                     )
-                u = _example_noise(seed, ids, (logits.shape[1],), "uniform", logits).clamp(1e-12, 1 - 1e-7)
-                sampled = (logits.detach() - torch.log(-torch.log(u))).argmax(1)  # Gumbel-max: y ~ softmax
-                roots, grad_out = [F.cross_entropy(logits, sampled, reduction="sum")], None
+                roots = [logits]
+                p = torch.softmax(logits.detach().double(), 1)
+                if mode == "sampled_labels":
+                    u = _example_noise(seed, ids, (logits.shape[1],), "uniform", p).clamp(1e-12, 1 - 1e-7)
+                    sampled = (p.log() - torch.log(-torch.log(u))).argmax(1)  # Gumbel-max: y ~ softmax
+                    grad_outs = [(p - F.one_hot(sampled, p.shape[1])).to(logits.dtype)]  # dCE/dlogits
+                else:  # exact: diag(p) - p p^T = sum_c r_c r_c^T with r_c = sqrt(p_c) (e_c - p)
+                    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+                    grad_outs = [
+                        (p[:, c : c + 1].sqrt() * (eye[c] - p)).to(logits.dtype) for c in range(p.shape[1])
+                    ]
             outs = [t for s in slots for t in rec.outputs[s.module]]
-            grads = torch.autograd.grad(roots, outs, grad_outputs=grad_out, allow_unused=True)
+            draws = []
+            for k, gout in enumerate(grad_outs):
+                draws.append(
+                    torch.autograd.grad(
+                        roots,
+                        outs,
+                        grad_outputs=None if gout is None else [gout],
+                        allow_unused=True,
+                        retain_graph=k < len(grad_outs) - 1,
+                    )
+                )
     finally:
         rec.remove()
         if top_handle is not None:
             top_handle.remove()
-    grads_iter = iter(grads)
     a_out, g_out, pos_out = {}, {}, {}
+    index = 0
     for s in slots:
         a_parts, g_parts, m_parts = [], [], []
         for x, out in zip(rec.inputs[s.module], rec.outputs[s.module]):
-            g = next(grads_iter)
-            g = torch.zeros_like(out) if g is None else g
-            gg = _out_grads(s, g.detach())
-            bsz, t = gg.shape[0], gg.shape[1]
+            per_draw = [torch.zeros_like(out) if d[index] is None else d[index].detach() for d in draws]
+            index += 1
+            gg = torch.stack([_out_grads(s, g) for g in per_draw], 1)  # [B, K, T, out]
+            bsz, t = gg.shape[0], gg.shape[2]
             cols = []
             if s.weight is not None:
                 cols.append(x)
@@ -377,7 +415,7 @@ def capture_batch(
             a = torch.cat(cols, -1)
             mask = _position_mask(batch, a) if s.kind == "linear" else None
             if mask is not None:
-                a, gg = a * mask[..., None], gg * mask[..., None]
+                a, gg = a * mask[..., None], gg * mask[:, None, :, None]
                 m_parts.append(mask.sum(1))
             else:
                 m_parts.append(torch.full((bsz,), float(t), dtype=gg.dtype, device=gg.device))
@@ -385,7 +423,7 @@ def capture_batch(
             g_parts.append(gg)
         # several calls of one module: positions of one example, side by side
         a_out[s.module] = torch.cat(a_parts, 1)
-        g_out[s.module] = torch.cat(g_parts, 1)
+        g_out[s.module] = torch.cat(g_parts, 2)
         pos_out[s.module] = torch.stack(m_parts).sum(0)
     return Captured(a_out, g_out, pos_out)
 
@@ -456,7 +494,7 @@ def accumulate_covariances(captured: Captured, sums: dict[str, Tensor] | None = 
     sums = {} if sums is None else sums
     for mod, a in captured.a.items():
         a2 = a.reshape(-1, a.shape[-1]).double()
-        g2 = captured.g[mod].reshape(-1, captured.g[mod].shape[-1]).double()
+        g2 = captured.g[mod].reshape(-1, captured.g[mod].shape[-1]).double()  # draws and positions as rows
         for key, val in (
             (f"A/{mod}", a2.T @ a2),
             (f"G/{mod}", g2.T @ g2),
@@ -486,11 +524,11 @@ def accumulate_eigenvalues(
     for mod, a in captured.a.items():
         qa, qg = factors.a_evec[mod], factors.g_evec[mod]
         ra = a.to(qa.dtype) @ qa  # [B, T, a_dim]
-        rg = captured.g[mod].to(qg.dtype) @ qg  # [B, T, out]
+        rg = captured.g[mod].to(qg.dtype) @ qg  # [B, K, T, out]
         if ra.shape[1] == 1:  # one position: (g a^T)^2 = (g^2)(a^2)^T, summed over examples by one product
-            val = rg[:, 0].square().T @ ra[:, 0].square()
+            val = rg[:, :, 0].square().sum(1).T @ ra[:, 0].square()
         else:
-            val = torch.einsum("bto,bti->boi", rg, ra).square().sum(0)
+            val = sum(torch.einsum("bto,bti->boi", rg[:, k], ra).square().sum(0) for k in range(rg.shape[1]))
         key = f"L/{mod}"
         sums[key] = val if key not in sums else sums[key] + val
     return sums
@@ -578,12 +616,15 @@ def fit_factors(
         theta, spec: the selected parameters, flat ``[P]``, and their layout.
         batches: ``() -> iterator of (ids, batch)`` over this rank's examples (called once per pass).
         num_examples: N over all ranks; num_batches: batches per pass on this rank (for progress).
-        kind: ``"kfac"`` or ``"ekfac"``; fisher: ``"true"`` or ``"empirical"``; seed: of the sampled labels.
+        kind: ``"kfac"`` or ``"ekfac"``; fisher: ``"true"``, ``"exact"`` or ``"empirical"``; seed: of the sampled
+            labels.
         all_reduce: sums a tensor over ranks (identity if None): the factors equal one process's.
         progress: ``callback(stage, done, total)``.
     """
     if fisher not in FISHER_KINDS:
-        raise ConfigurationError(f"Expected `fisher` to be 'true' or 'empirical', but got {fisher!r}.")
+        raise ConfigurationError(
+            f"Expected `fisher` to be 'true', 'exact' or 'empirical', but got {fisher!r}."
+        )
     reduce = all_reduce or (lambda t: t)
     slots = kfac_layers(model, spec.names)
     params = spec.unflatten(theta)
@@ -640,3 +681,44 @@ def _reduced(
     flat = flat if out is None else out
     pieces = torch.split(flat, [math.prod(shapes[k]) for k in keys])
     return {k: p.reshape(shapes[k]) for k, p in zip(keys, pieces)}
+
+
+def preconditioned_cg(
+    matvec: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    precond: Callable[[Tensor], Tensor],
+    damping: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[Tensor, int, float]:
+    """Preconditioned conjugate gradient on ``(C + damping I) x = rhs`` for every row of ``rhs [Q, P]``.
+
+    ``precond(r)`` applies an approximate inverse (EK-FAC's); the first iterate is the EK-FAC answer, optimally
+    scaled, and each further iteration (one product with ``C``) moves towards the exact solution. Rows stop one by
+    one at ``||r|| <= tol ||rhs||``.
+
+    Returns:
+        ``x [Q, P]``, the iterations run and the largest relative residual ``||r|| / ||rhs||`` (of the recurrence).
+    """
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    bnorm = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
+    z = precond(r)
+    p = z.clone()
+    rz = (r * z).sum(1)
+    it = 0
+    for it in range(1, max_iter + 1):
+        active = r.norm(dim=1) > tol * bnorm
+        if not bool(active.any()):
+            it -= 1
+            break
+        ap = matvec(p) + damping * p
+        pap = (p * ap).sum(1)
+        alpha = torch.where(active & (pap > 0), rz / torch.where(pap > 0, pap, torch.ones_like(pap)), 0.0)
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        z = precond(r)
+        rz_new = (r * z).sum(1)
+        p = z + torch.where(active, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)[:, None] * p
+        rz = rz_new
+    return x, it, float((r.norm(dim=1) / bnorm).max())
