@@ -505,3 +505,22 @@ def test_ivf_and_hnsw_inner_product_indexes_agree_with_the_exact_search(trained,
     torch_index = build_gradient_index(model, ds, loss, None, "kronecker", dim=128, backend="torch")
     _, got = torch_index.candidates(s, 40)
     assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]
+
+
+def test_exact_head_search_in_factored_form_equals_the_sketch_search(trained, tmp_path):
+    import dataclasses
+
+    model, ds, _ = trained
+    built = build_gradient_index(model, ds, resolve_loss(model), ["head.*"])
+    assert built.sketcher.method == "head" and built.head_grads.shape == (240, 4)
+    s = torch.randn(3, built.sketcher.spec.numel)
+    dots, ids = built.candidates(s, 30)  # g^T (S phi + s_b) from features and g: no [N, C (d+1)] scan
+    unfactored = dataclasses.replace(
+        built, head_grads=None
+    )  # the FAISS inner-product search over the sketches
+    d2, i2 = unfactored.candidates(s, 30)
+    assert torch.equal(ids, i2)
+    torch.testing.assert_close(dots, d2, rtol=1e-4, atol=1e-5)
+    save_gradient_index(built, tmp_path / "head")
+    loaded = load_gradient_index(tmp_path / "head", sketcher=built.sketcher)
+    assert loaded.head_grads is not None and torch.equal(loaded.candidates(s, 30)[1], ids)

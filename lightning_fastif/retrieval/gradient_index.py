@@ -374,6 +374,8 @@ class GradientIndex:
         sketcher: projects s_test rows the same way (None for a folder loaded without a model).
         meta: what it was built from (``IndexMeta`` fields; ``space = "gradients"``, ``sketch`` settings).
         features, logits: head features and logits (method ``head``), cached for the head scoring fast path.
+        head_grads: ``g = softmax - onehot`` ``[N, C]`` of a head with bias: with ``features`` the exact head sketch
+            in factored form, so an exact (``Flat``) search costs ``N (d + C)`` per query, not ``N C (d + 1)``.
     """
 
     index: CandidateIndex
@@ -381,6 +383,7 @@ class GradientIndex:
     meta: dict[str, Any]
     features: Tensor | None = None
     logits: Tensor | None = None
+    head_grads: Tensor | None = None
 
     @property
     def ntotal(self) -> int:
@@ -399,9 +402,12 @@ class GradientIndex:
         n = self.index.ntotal
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
             raise ConfigurationError(f"Expected `num_candidates` to be an int in [1, {n}], but got {k!r}.")
-        q = self.sketcher.query(s_test)
-        m, nq = min(n, k), q.shape[0]
-        dist, found = self.index.search(torch.cat([q, -q]), m)  # one call: both sides share the scan
+        m, nq = min(n, k), s_test.shape[0]
+        if self._factored():
+            dist, found = self._head_search(s_test, m)
+        else:
+            q = self.sketcher.query(s_test)
+            dist, found = self.index.search(torch.cat([q, -q]), m)  # one call: both sides share the scan
         ids = mips_union(found[:nq], found[nq:], k)
         dots = torch.full((nq, k), float("nan"))
         buf = torch.full((n,), float("nan"))
@@ -410,6 +416,42 @@ class GradientIndex:
             buf[found[row]] = dist[row]
             dots[row] = buf[ids[row]]
         return dots, ids
+
+    def _factored(self) -> bool:
+        return (
+            self.sketcher is not None
+            and self.sketcher.method == "head"
+            and self.head_grads is not None
+            and self.features is not None
+            and self.index.factory == "Flat"
+        )
+
+    def _head_search(self, s_test: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        """Exact head search in factored form: ``g . s = g^T (S_W phi + s_b)``, chunked over the training set.
+
+        Returns ``(values [2Q, m], ids [2Q, m])`` like ``index.search([q; -q], m)``.
+        """
+        assert self.sketcher is not None and self.features is not None and self.head_grads is not None
+        layer = self.sketcher.layer
+        parts = self.sketcher.spec.unflatten(s_test.detach().float().cpu())
+        s_w = parts[f"{layer}.weight"]  # [Q, C, d]
+        s_b = parts[f"{layer}.bias"]  # [Q, C]
+        nq, c, d = s_w.shape
+        flat_w = s_w.reshape(nq * c, d).T.contiguous()
+        best_v = torch.empty(2 * nq, 0)
+        best_i = torch.empty(2 * nq, 0, dtype=torch.long)
+        step = max(1024, (1 << 22) // max(1, nq * c))
+        for at in range(0, self.features.shape[0], step):
+            phi = torch.as_tensor(self.features[at : at + step]).float()
+            g = torch.as_tensor(self.head_grads[at : at + step]).float()
+            t = (phi @ flat_w).view(-1, nq, c) + s_b.unsqueeze(0)  # [n, Q, C]
+            dots = (t * g.unsqueeze(1)).sum(-1).T  # [Q, n]
+            vals = torch.cat([dots, -dots])
+            ids = torch.arange(at, at + dots.shape[1]).expand(2 * nq, -1)
+            vals, ids = torch.cat([best_v, vals], 1), torch.cat([best_i, ids], 1)
+            best_v, sel = vals.topk(min(m, vals.shape[1]), dim=1)
+            best_i = ids.gather(1, sel)
+        return best_v, best_i
 
 
 @dataclasses.dataclass
@@ -476,7 +518,12 @@ def build_gradient_index(
         "space": "gradients",
         "sketch": {**sketcher.settings(), "float16": bool(float16)},
     }
-    return BuiltGradientIndex(index, sketcher, meta, feats, logits, x)
+    head_grads = None
+    if sketcher.method == "head" and f"{sketcher.layer}.bias" in sketcher.spec.names:
+        head_grads = (
+            x[:, -int(logits.shape[1]) :].clone() if logits is not None else None
+        )  # the bias block is g
+    return BuiltGradientIndex(index, sketcher, meta, feats, logits, head_grads, x)
 
 
 def save_gradient_index(built: GradientIndex, dirpath: str | os.PathLike[str], overwrite: bool = True) -> Any:
@@ -486,6 +533,8 @@ def save_gradient_index(built: GradientIndex, dirpath: str | os.PathLike[str], o
     arrays = {}
     if built.features is not None and built.logits is not None:
         arrays = {"features": built.features, "logits": built.logits}
+        if built.head_grads is not None:
+            arrays["head_grads"] = built.head_grads
     return save_index(built.index, dirpath, built.meta, overwrite=overwrite, arrays=arrays)
 
 
@@ -534,10 +583,12 @@ def load_gradient_index(
                 "with these settings (`lightning-fastif index --space gradients`) or pass the folder's settings."
             )
     feats = logits = None
+    head_grads = None
     if {"features", "logits"} <= set(meta.arrays):
-        arrays = store.load_arrays(folder, ["features", "logits"])
-        feats, logits = arrays["features"], arrays["logits"]
-    return GradientIndex(index, sketcher, meta.to_dict(), feats, logits)
+        names = ["features", "logits"] + (["head_grads"] if "head_grads" in meta.arrays else [])
+        arrays = store.load_arrays(folder, names)
+        feats, logits, head_grads = arrays["features"], arrays["logits"], arrays.get("head_grads")
+    return GradientIndex(index, sketcher, meta.to_dict(), feats, logits, head_grads)
 
 
 def _load_faiss_mmap(folder: Path, meta: Any) -> CandidateIndex:
