@@ -12,8 +12,11 @@ Two ways to split the work of ``trainer.predict(InfluenceModule)`` over W proces
   different numbers of batches).
 
 A rank that raises tears its process group down, so ranks waiting in a collective fail at once with a
-:class:`~lightning_fastif.errors.DistributedError` instead of hanging; a rank that stalls is caught by the process
-group ``timeout`` (120 s by default).
+:class:`~lightning_fastif.errors.DistributedError` instead of hanging; a rank that stalls is caught by the collective
+``timeout`` (120 s by default). No process outlives a failure by more than ``timeout`` plus a bound: when rank 0
+fails it stops the ranks it launched (``SIGUSR2``, which raises a ``DistributedError`` in them, then ``SIGKILL``
+after :data:`STOP_GRACE_S`), and a rank whose launcher died stops itself. A rendezvous that times out (a rank never
+started, a wrong ``MASTER_ADDR``/``MASTER_PORT``) is a ``DistributedError`` too, bounded by ``connect_timeout``.
 
 Example:
     >>> trainer = pl.Trainer(strategy="ddp_influence", devices=2, accelerator="cpu", inference_mode=False)
@@ -24,6 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import subprocess
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -40,11 +48,14 @@ __all__ = ["InfluenceStrategy"]
 
 SHARD_MODES = ("candidates", "queries")
 DEFAULT_TIMEOUT_S = 120.0
+STOP_GRACE_S = 10.0
+"""Seconds a rank stopped by rank 0's failure gets to raise its ``DistributedError`` and exit before ``SIGKILL``."""
+STOP_SIGNAL = signal.SIGUSR2
 
 TopK = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def _as_timeout(timeout: Any) -> timedelta:
+def _as_timeout(timeout: Any, name: str = "timeout") -> timedelta:
     if isinstance(timeout, timedelta):
         seconds = timeout.total_seconds()
     elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
@@ -53,7 +64,7 @@ def _as_timeout(timeout: Any) -> timedelta:
         seconds = float("nan")
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigurationError(
-            f"Expected `timeout` to be a positive number of seconds or a timedelta, but got {timeout!r}."
+            f"Expected `{name}` to be a positive number of seconds or a timedelta, but got {timeout!r}."
         )
     return timedelta(seconds=seconds)
 
@@ -92,8 +103,11 @@ class InfluenceStrategy(DDPStrategy):
     Args:
         shard: ``"candidates"`` (every rank gets the same queries; solver work and candidates are split; results
             equal one process) or ``"queries"`` (each rank explains different queries, with one-process math).
-        timeout: seconds (or a ``timedelta``) any collective may wait for the other ranks before raising; also
-            the process group's rendezvous timeout, so leave room for slow imports on the other ranks.
+        timeout: seconds (or a ``timedelta``) any collective of the library may wait for the other ranks before
+            raising a ``DistributedError``.
+        connect_timeout: seconds the ranks may take to meet at start-up (the rendezvous, which waits for the other
+            ranks' imports) and the timeout of Lightning's own collectives (fit); default: ``timeout``. With a
+            different value the library's collectives run in a process group of their own with ``timeout``.
         start_method: ``"popen"`` (a script per rank, as ``torchrun`` does), ``"spawn"``, ``"fork"`` or
             ``"forkserver"``, as in ``DDPStrategy``.
         process_group_backend: ``"gloo"`` (default on CPU) or ``"nccl"`` (default on CUDA).
@@ -114,6 +128,7 @@ class InfluenceStrategy(DDPStrategy):
         shard: str = "candidates",
         timeout: float | timedelta = DEFAULT_TIMEOUT_S,
         start_method: str = "popen",
+        connect_timeout: float | timedelta | None = None,
         process_group_backend: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -124,19 +139,120 @@ class InfluenceStrategy(DDPStrategy):
                 "Expected `start_method` to be 'popen', 'spawn', 'fork' or 'forkserver', but got "
                 f"{start_method!r}."
             )
+        collective = _as_timeout(timeout)
+        connect = collective if connect_timeout is None else _as_timeout(connect_timeout, "connect_timeout")
         super().__init__(
             process_group_backend=process_group_backend,
-            timeout=_as_timeout(timeout),
+            timeout=connect,
             start_method=start_method,  # type: ignore[arg-type]
             **kwargs,
         )
         self.shard = shard
+        self._collective_timeout = collective
+        self._group: Any = None  # the library's process group (None: the default group)
+        self._watchdog: threading.Event | None = None
+        self._previous_handler: Any = None
 
     # ------------------------------------------------------------------------------------------- settings
     @property
     def timeout_s(self) -> float:
         """The collective timeout in seconds."""
+        return self._collective_timeout.total_seconds()
+
+    @property
+    def connect_timeout_s(self) -> float:
+        """The rendezvous timeout in seconds (also Lightning's own collectives')."""
         return self._timeout.total_seconds() if self._timeout is not None else float("inf")
+
+    # ------------------------------------------------------------------------------------------- start and stop
+    def setup_distributed(self) -> None:
+        """Lightning's rendezvous, with a time-out that says what happened; then the library's process group and
+        the stop handling of ranks other than 0."""
+        try:
+            super().setup_distributed()
+        except RuntimeError as err:  # DistStoreError / DistNetworkError (both RuntimeErrors)
+            address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise DistributedError(
+                f"InfluenceStrategy: the {self.world_size} processes did not all meet at the rendezvous "
+                f"({address}) within `connect_timeout` = {self.connect_timeout_s:g} s (rank {self.global_rank}, "
+                f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}). A rank "
+                "did not start or is still importing, or MASTER_ADDR/MASTER_PORT differ between ranks; raise it "
+                "with InfluenceStrategy(connect_timeout=...) if start-up is just slow."
+            ) from err
+        if self.world_size < 2:
+            return
+        if self._collective_timeout != self._timeout:
+            with self._collective("the creation of the library's process group"):
+                self._group = dist.new_group(timeout=self._collective_timeout)
+        if self.global_rank != 0:
+            self._arm_stop()
+
+    def _arm_stop(self) -> None:
+        """On a rank other than 0: ``STOP_SIGNAL`` raises a ``DistributedError`` (sent by rank 0 when it fails),
+        and a watchdog stops this process when its launcher is gone (``SIGKILL``-ed rank 0, a dead ``torchrun``)."""
+        rank, timeout = self.global_rank, self.timeout_s
+
+        def stop(signum: int, frame: Any) -> None:
+            raise DistributedError(
+                f"InfluenceStrategy: rank {rank} was stopped because rank 0 failed or its launcher exited (a rank "
+                f"that does not reach a collective within `timeout` = {timeout:g} s fails them all; see rank 0's "
+                "error)."
+            )
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(STOP_SIGNAL, stop)
+        parent, done = os.getppid(), threading.Event()
+
+        def watch() -> None:
+            while not done.wait(1.0):
+                if os.getppid() != parent:  # re-parented: the launcher died
+                    os.kill(os.getpid(), STOP_SIGNAL)
+                    if not done.wait(STOP_GRACE_S):
+                        os._exit(1)
+                    return
+
+        threading.Thread(target=watch, name="lightning_fastif-launcher-watchdog", daemon=True).start()
+        self._watchdog = done
+
+    def _stop_launched_ranks(self) -> None:
+        """Rank 0 of a ``popen`` launch: stop the ranks it started (``STOP_SIGNAL`` now, ``SIGKILL`` for those still
+        running after :data:`STOP_GRACE_S`), so none outlives the failure. Rank 0's own error is not held up: the
+        reaper is a non-daemon thread, so this process exits only once it is done."""
+        procs = [
+            p
+            for p in getattr(self.launcher, "procs", None) or []
+            if isinstance(p, subprocess.Popen) and p.poll() is None
+        ]
+        if not procs:
+            return
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.send_signal(STOP_SIGNAL)
+        deadline = time.monotonic() + STOP_GRACE_S
+
+        def reap() -> None:
+            for proc in procs:
+                with contextlib.suppress(Exception):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                if proc.poll() is None:
+                    with contextlib.suppress(OSError):
+                        proc.kill()
+
+        threading.Thread(target=reap, name="lightning_fastif-stop-ranks", daemon=False).start()
+
+    def teardown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.set()
+            self._watchdog = None
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(Exception):
+                signal.signal(STOP_SIGNAL, self._previous_handler)
+            self._previous_handler = None
+        if self._group is not None and self._active():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(self._group)
+        self._group = None
+        super().teardown()
 
     def _stage(self) -> TrainerFn | None:
         module = self._lightning_module
@@ -211,9 +327,19 @@ class InfluenceStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         """Tear the process group down so that ranks blocked in a collective with this one fail at once."""
         super().on_exception(exception)
+        if self.global_rank != 0 and self._previous_handler is not None:
+            # this rank is failing already: rank 0's stop signal must not replace its own error
+            with contextlib.suppress(Exception):
+                signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+            self._previous_handler = None  # kept ignored after teardown too: rank 0's reaper kills a lingerer
+        if self._watchdog is not None:
+            self._watchdog.set()
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._group = None
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+        if self.world_size > 1 and self.global_rank == 0:
+            self._stop_launched_ranks()
 
     # ------------------------------------------------------------------------------------------- collectives
     @contextlib.contextmanager
@@ -222,7 +348,14 @@ class InfluenceStrategy(DDPStrategy):
             yield
         except DistributedError:
             raise
-        except RuntimeError as err:  # gloo / NCCL errors (DistBackendError is a RuntimeError)
+        except RuntimeError as err:  # gloo / NCCL errors (DistBackendError, DistStoreError are RuntimeErrors)
+            if isinstance(err, getattr(dist, "DistStoreError", ())):
+                raise DistributedError(
+                    f"InfluenceStrategy: {what} failed on rank {self.global_rank} of {self.world_size}: the ranks' "
+                    f"shared store timed out or its host (MASTER_ADDR {os.environ.get('MASTER_ADDR', '?')}:"
+                    f"{os.environ.get('MASTER_PORT', '?')}, rank 0) is gone; another rank failed or exited "
+                    f"(see its traceback). Store error: {err}"
+                ) from err
             raise DistributedError(
                 f"InfluenceStrategy: {what} failed on rank {self.global_rank} of {self.world_size}. Another rank "
                 "raised or exited (see its traceback), or did not reach this collective within `timeout` = "
@@ -241,7 +374,7 @@ class InfluenceStrategy(DDPStrategy):
         local = tensor.detach().to(self.root_device).contiguous()
         out = [torch.empty_like(local) for _ in range(self.world_size)]
         with self._collective(what):
-            dist.all_gather(out, local)
+            dist.all_gather(out, local, group=self._group)
         return torch.stack(out).to(device)
 
     def influence_all_reduce(self, tensor: Tensor) -> Tensor:
@@ -251,7 +384,7 @@ class InfluenceStrategy(DDPStrategy):
         device = tensor.device
         out = tensor.detach().to(self.root_device).clone().contiguous()
         with self._collective(f"all-reduce of a {tuple(tensor.shape)} tensor (s_test / curvature)"):
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self._group)
         return out.to(device)
 
     def gather_topk(self, local: TopK, top_k: int) -> list[TopK]:
@@ -323,7 +456,7 @@ class InfluenceStrategy(DDPStrategy):
             local = padded.to(self.root_device).contiguous()
             bucket = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
             with self._collective(f"the gather of training features to rank 0 ({n} rows)"):
-                dist.gather(local, bucket, dst=0)
+                dist.gather(local, bucket, dst=0, group=self._group)
             if rank == 0 and bucket is not None:
                 full = a.new_empty((n, *a.shape[1:]))
                 for r, part in enumerate(bucket):
@@ -339,17 +472,24 @@ class InfluenceStrategy(DDPStrategy):
             return [obj]
         out: list[Any] = [None] * self.world_size
         with self._collective("gather of result records"):
-            dist.all_gather_object(out, obj)
+            dist.all_gather_object(out, obj, group=self._group)
         return out
 
     def barrier(self, name: str | None = None) -> None:
         """Wait for every rank (bounded by ``timeout``; a failed rank raises a ``DistributedError`` here)."""
         with self._collective(f"barrier {name!r}" if name else "barrier"):
-            super().barrier(name)
+            if self._group is not None and self._active():
+                dist.barrier(group=self._group)
+            else:
+                super().barrier(name)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s picklable ``obj`` on every rank (use tensor collectives for large tensors)."""
         with self._collective(f"broadcast from rank {src}"):
+            if self._group is not None and self._active():
+                box = [obj]
+                dist.broadcast_object_list(box, src, group=self._group)
+                return box[0]
             return super().broadcast(obj, src)
 
 

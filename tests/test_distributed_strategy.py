@@ -7,6 +7,7 @@ its own interpreter, as under torchrun) in a subprocess with a timeout, so a han
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_fastif as lf
+from lightning_fastif import errors as lf_errors
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.retrieval import load_arrays, load_index
 from lightning_fastif.strategy import InfluenceStrategy
@@ -394,3 +396,121 @@ def test_a_rank_that_raises_makes_every_rank_raise_promptly(tmp_path):
     assert "Another rank raised or exited" in got[0]["message"]
     # rank 1 is still alive (lingering): rank 0 was freed by the strategy tearing rank 1's process group down
     assert got[0]["time"] - got[1]["time"] < 15, "rank 0 waited for the timeout instead of failing at once"
+
+
+HANGING_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import torch
+    import lightning.pytorch as pl
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    import lightning_fastif as lf
+
+    out = sys.argv[1]
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+
+    class Hangs(lf.InfluenceModule):
+        def predict_step(self, batch, batch_idx=0, dataloader_idx=0):
+            if self.trainer.global_rank == 1:
+                with open(os.path.join(out, "hang_started"), "w") as f:
+                    f.write(str(time.time()))
+                time.sleep(600)  # a rank that hangs outside any collective (a stuck data loader, a deadlock)
+            return super().predict_step(batch, batch_idx, dataloader_idx)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    im = Hangs(model, TensorDataset(x, y), solver=lf.CGSolver(damping=1.0), num_candidates=None)
+    strategy = lf.InfluenceStrategy(timeout=3, connect_timeout=120, start_method="popen")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, inference_mode=False, logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    try:
+        trainer.predict(im, DataLoader(TensorDataset(x[:8], y[:8]), batch_size=4))
+        outcome = {"error": None}
+    except BaseException as e:
+        outcome = {"error": type(e).__name__, "message": str(e)[:2000]}
+    outcome["time"] = time.time()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    sys.exit(1 if outcome["error"] else 0)
+    """
+)
+
+
+@pytest.mark.slow  # two interpreters start (popen, as under torchrun): ~15 s idle, ~40 s on a loaded machine
+def test_a_rank_that_hangs_does_not_outlive_rank_0s_timeout(tmp_path):
+    script = tmp_path / "hangs.py"
+    script.write_text(HANGING_SCRIPT)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "NODE_RANK")
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    outcomes = {r: tmp_path / f"rank{r}.json" for r in (0, 1)}
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=300)  # before: rank 1 stayed alive for its whole 600 s sleep
+            time.sleep(1.0)
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the session (the hung rank 1)?
+                survivors = True
+            except ProcessLookupError:
+                survivors = False
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+    assert not survivors, "a rank outlived the launcher"
+    log_text = (tmp_path / "log.txt").read_text()
+    assert all(p.exists() for p in outcomes.values()), log_text[-3000:]
+    got = {r: json.loads(p.read_text()) for r, p in outcomes.items()}
+    hang = float((tmp_path / "hang_started").read_text())
+    assert got[0]["error"] == "DistributedError" and "`timeout` = 3 s" in got[0]["message"], got[0]
+    assert got[1]["error"] == "DistributedError", got[1]  # the hung rank ended with the library's error
+    assert "rank 1 was stopped because rank 0 failed" in got[1]["message"]
+    # both ended within the timeout plus a bound (the stop grace), far from the 600 s the rank would hang
+    assert got[0]["time"] - hang < 3 + 20 and got[1]["time"] - hang < 3 + 20, (hang, got)
+
+
+def test_a_rendezvous_that_times_out_is_a_distributed_error(monkeypatch):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # rank 0 of 2 whose rank 1 never starts (processes created externally, as under torchrun)
+    for key, value in dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK="0", NODE_RANK="0", WORLD_SIZE="2"
+    ).items():
+        monkeypatch.setenv(key, value)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    im = lf.InfluenceModule(
+        model, TensorDataset(x, y), solver=lf.ExactSolver(damping=1.0), num_candidates=None
+    )
+    strategy = InfluenceStrategy(timeout=30, connect_timeout=2, start_method="popen")
+    start = time.perf_counter()
+    with pytest.raises(
+        lf_errors.DistributedError, match=r"did not all meet at the rendezvous.*connect_timeout` = 2 s"
+    ):
+        _trainer(2, strategy).predict(im, DataLoader(TensorDataset(x, y), batch_size=4))
+    assert time.perf_counter() - start < 30
+
+
+def test_connect_timeout_is_checked_and_kept_apart_from_the_collective_timeout():
+    strategy = InfluenceStrategy(timeout=5, connect_timeout=60)
+    assert (strategy.timeout_s, strategy.connect_timeout_s) == (5.0, 60.0)
+    assert InfluenceStrategy(timeout=7).connect_timeout_s == 7.0
+    with pytest.raises(ConfigurationError, match="`connect_timeout`.*positive.*0"):
+        InfluenceStrategy(connect_timeout=0)
