@@ -218,6 +218,11 @@ class InfluenceTrainer(pl.Trainer):
         nprobe: int | None = None,
         ef_search: int | None = None,
         batch_size: int = 256,
+        space: str = "features",
+        params: list[str] | None = None,
+        sketch: str = "auto",
+        sketch_dim: int = 1024,
+        float16: bool = False,
     ) -> Path:
         """Build the FastIF candidate index (penultimate-layer features of the training set) from a checkpoint.
 
@@ -232,10 +237,41 @@ class InfluenceTrainer(pl.Trainer):
             nprobe: IVF lists searched per query.
             ef_search: HNSW search depth.
             batch_size: batch size of the feature pass.
+            space: features (FastIF's penultimate-layer kNN) or gradients (per-example gradient sketches, searched by
+                inner product with the projected s_test; use with ``candidates: gradients``).
+            params: (gradients) glob patterns of the differentiated parameters: those of ``influence``.
+            sketch: (gradients) auto, head (exact, final Linear), kronecker (LoGra, Linear layers) or dense.
+            sketch_dim: (gradients) dimension of the random projections.
+            float16: (gradients) store the sketches as float16.
         """
         _check_run_arguments(batch_size=batch_size)
         load_weights(model, ckpt_path)
         train, collate = _dataset_of(datamodule, "train")
+        if space not in ("features", "gradients"):
+            raise ConfigurationError(f"Expected `space` to be 'features' or 'gradients', but got {space!r}.")
+        if space == "gradients":
+            from lightning_fastif.gradient_callback import GradientIndexCallback
+
+            gcb = GradientIndexCallback(
+                index_dir,
+                params=params,
+                sketch=sketch,
+                sketch_dim=sketch_dim,
+                float16=float16,
+                feature_layer=feature_layer,
+                index_factory=index_factory,
+                backend=backend,
+                batch_size=batch_size,
+                nprobe=nprobe,
+                ef_search=ef_search,
+            )
+            start = time.perf_counter()
+            out = gcb.build(model, train, trainer=None, collate_fn=collate)
+            rank_zero_info(
+                f"lightning_fastif: gradient index of {len(train)} training examples in {out} "
+                f"({time.perf_counter() - start:.1f}s)"
+            )
+            return out
         cb = FeatureIndexCallback(
             index_dir,
             feature_layer=feature_layer,
@@ -263,6 +299,7 @@ class InfluenceTrainer(pl.Trainer):
         num_candidates: int | None,
         top_k: int,
         batch_size: int,
+        candidates: str = "features",
     ) -> InfluenceModule:
         load_weights(model, ckpt_path)
         train, collate = _dataset_of(datamodule, "train")
@@ -281,6 +318,7 @@ class InfluenceTrainer(pl.Trainer):
             index=index_dir if num_candidates is not None else None,
             batch_size=batch_size,
             collate_fn=collate,
+            candidates=candidates,
         )
 
     def influence(
@@ -299,6 +337,7 @@ class InfluenceTrainer(pl.Trainer):
         image_shape: list[int] | None = None,
         report: bool = True,
         pool: str | None = None,
+        candidates: str = "features",
     ) -> list[Any]:
         """Rank the most helpful and most harmful training examples of a set of queries, and write the results.
 
@@ -318,6 +357,8 @@ class InfluenceTrainer(pl.Trainer):
             top_k: helpful and harmful examples kept per query.
             queries: which examples to explain.
             score_batch_size: batch size of candidate scoring and Hessian passes.
+            candidates: features (FastIF's kNN) or gradients (gradient-sketch index, `index --space gradients`);
+                the candidates are scored exactly either way.
             image_shape: reshape flat inputs into images in the reports (default: the datamodule's image_shape).
             report: write report.html and the W&B table.
             pool: candidate pool other than the training set: a datamodule split (val, test, predict) searched and
@@ -326,7 +367,8 @@ class InfluenceTrainer(pl.Trainer):
         """
         _check_run_arguments(output_dir, score_batch_size=score_batch_size, top_k=top_k)
         im = self._influence_module(
-            model, datamodule, ckpt_path, index_dir, solver, params, num_candidates, top_k, score_batch_size
+            model, datamodule, ckpt_path, index_dir, solver, params, num_candidates, top_k, score_batch_size,
+            candidates=candidates,
         )
         query_set, collate = _dataset_of(datamodule, queries.split)
         ids = _select_queries(model, query_set, collate, queries)
@@ -382,6 +424,7 @@ class InfluenceTrainer(pl.Trainer):
         top_m: int = 10,
         loo_removals: int = 10,
         score_batch_size: int = 256,
+        candidates: str = "features",
         lds: LDSSettings = LDSSettings(),  # noqa: B008 - a settings block, like queries
     ) -> dict[str, Any]:
         """Measure the approximations on this model: kNN recall against a full scan, solver agreement against a
@@ -402,6 +445,8 @@ class InfluenceTrainer(pl.Trainer):
             top_m: size of the full-scan top lists whose recall is measured.
             loo_removals: training examples removed one at a time in the leave-one-out check (0: skip it).
             score_batch_size: batch size of scoring and Hessian passes.
+            candidates: features (FastIF's kNN) or gradients (gradient-sketch index, `index --space gradients`);
+                the candidates are scored exactly either way.
             lds: the linear datamodeling score (``--lds.subsets M --lds.fraction alpha``; 0 subsets: skip): M
                 subsets retrained through Lightning, Spearman of summed influences against the actual query losses.
         """
@@ -411,7 +456,8 @@ class InfluenceTrainer(pl.Trainer):
 
         _check_run_arguments(output_dir, score_batch_size=score_batch_size)
         im = self._influence_module(
-            model, datamodule, ckpt_path, index_dir, solver, params, max(ks), 10, score_batch_size
+            model, datamodule, ckpt_path, index_dir, solver, params, max(ks), 10, score_batch_size,
+            candidates=candidates,
         )
         query_set, collate = _dataset_of(datamodule, queries.split)
         ids = _select_queries(model, query_set, collate, queries)
@@ -419,10 +465,19 @@ class InfluenceTrainer(pl.Trainer):
             raise ConfigurationError("Expected `queries` to select at least one example, but got none.")
         batch = fetch(query_set, ids, collate)
         result: dict[str, Any] = {"queries": ids}
-        rep = approximation_diagnostics(im, batch, ks=ks, top_m=top_m)
-        result["knn_recall"] = rep.to_dict()
+        if candidates == "features":
+            rep = approximation_diagnostics(im, batch, ks=ks, top_m=top_m)
+            result["knn_recall"] = rep.to_dict()
+            print(
+                f"\n## kNN candidate recall (full-scan top-{top_m} found among the k nearest)\n\n{rep.to_table()}"
+            )
+        from lightning_fastif.diagnostics import compare_candidate_spaces
+
+        spaces = compare_candidate_spaces(im, batch, ks=ks, top_m=top_m)
+        result["candidate_recall"] = spaces.to_dict()
         print(
-            f"\n## kNN candidate recall (full-scan top-{top_m} found among the k nearest)\n\n{rep.to_table()}"
+            f"\n## Candidate recall of both spaces (full-scan top-{top_m} found among the k candidates; "
+            f"this run uses {candidates})\n\n{spaces.to_table()}"
         )
         from lightning_fastif.solver_choice import reference_solver_for
 
@@ -451,7 +506,11 @@ class InfluenceTrainer(pl.Trainer):
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(result, indent=2))
         for logger in self.loggers:
-            flat = {f"evaluate/recall_abs@{r['k']}": r["recall_abs"] for r in rep.rows}
+            flat = {
+                f"evaluate/recall_abs_{r['space']}@{r['k']}": r["recall_abs"]
+                for r in spaces.rows
+                if r["queries"] == "all"
+            }
             flat.update({"evaluate/solver_spearman": ag.spearman})
             if "leave_one_out" in result:
                 flat.update({"evaluate/loo_pearson": result["leave_one_out"]["pearson"]})
