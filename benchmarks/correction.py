@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--k", type=int, default=100, help="kNN candidates per anchor")
     ap.add_argument("--damping", type=float, default=0.01, help="lambda of the ExactSolver on the head")
+    ap.add_argument(
+        "--model-seed", type=int, default=0, help="seed of the relabelled examples and of training"
+    )
     args = ap.parse_args()
     threads = set_threads()
     steps = args.steps or (3 if args.quick else 5)
@@ -79,9 +82,9 @@ def main() -> None:
     dm = DigitsDataModule(val_fraction=0.2, test_fraction=0.3, seed=0)
     dm.setup()
     x, y = dm.train_set.tensors
-    x, y, changed = induce_confusion(x, y, 3, 8, args.fraction, args.mode, seed=0)
+    x, y, changed = induce_confusion(x, y, 3, 8, args.fraction, args.mode, seed=args.model_seed)
     train_set = TensorDataset(x, y)
-    model = train(x, y, epochs=40)
+    model = train(x, y, epochs=40, seed=args.model_seed)
     test = dm.test_set
     with torch.no_grad():
         test_acc = float((model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
@@ -127,6 +130,7 @@ def main() -> None:
             "params": "head.* (650)",
             "solver": f"ExactSolver(damping={args.damping:g})",
             "k": args.k,
+            "model_seed": args.model_seed,
             **{k: v for k, v in vars(settings).items()},
         },
         "pools": {},
@@ -139,7 +143,8 @@ def main() -> None:
         tag = "quick" if args.quick else "full"
         write_correction_report(
             res,
-            report_dir / f"{res.pool}-{args.mode}-damping{args.damping:g}-examples{args.examples}-{tag}.html",
+            report_dir
+            / f"{res.pool}-{args.mode}-damping{args.damping:g}-examples{args.examples}-model{args.model_seed}-{tag}.html",
             title=f"Error correction, pool {name}",
         )
         data = res.to_dict()
@@ -166,7 +171,8 @@ def main() -> None:
     )
     name = "correction" + ("" if args.mode == "relabel" else f"-{args.mode}")
     name += "" if args.damping == 0.01 else f"-damping{args.damping:g}"
-    name += ("" if args.examples == 8 else f"-examples{args.examples}") + ("-quick" if args.quick else "")
+    name += "" if args.examples == 8 else f"-examples{args.examples}"
+    name += ("" if args.model_seed == 0 else f"-model{args.model_seed}") + ("-quick" if args.quick else "")
     path = save_json(name, out)
     print(f"saved {path} ({out['seconds']:.0f}s); HTML reports in {Path(report_dir)}")
 
