@@ -405,7 +405,7 @@ def test_ddp_factors_equal_one_process(tmp_path):
 
 def test_refine_runs_preconditioned_cg_to_the_exact_gauss_newton_solution(mlp_problem):
     model, ds = mlp_problem
-    cur = _curvature(model, ds, batch_size=7)
+    cur = _curvature(model, ds, batch_size=30)
     v = torch.randn(3, cur.spec.numel, dtype=torch.float64)
     ggn = cur.with_mode("gauss_newton").matrix()
     want = torch.linalg.solve(ggn + 0.05 * torch.eye(cur.spec.numel, dtype=torch.float64), v.T).T
