@@ -570,6 +570,8 @@ def solve_kfac(
         raise ConfigurationError(
             f"Expected fitted factors for every selected parameter, but {missing} have none."
         )
+    if vectors.shape[0] == 0:
+        return vectors.clone()
     mats = layer_matrices(spec, factors.slots, vectors)
     evals = factors.eigenvalues(kind)
     result: dict[str, Tensor] = {}
