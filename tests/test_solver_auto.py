@@ -225,3 +225,16 @@ def test_auto_prefers_exact_cg_to_ekfac_when_cg_is_cheap():
     lf.InfluenceModule(model, data, solver=auto, num_candidates=None, progress=False).s_test(data[:1])
     assert auto.choice.startswith("cg (gauss_newton)") and "CG is cheap here" in auto.choice
     assert auto.diagnostics.converged
+
+
+def test_lissa_divergence_on_an_indefinite_hessian_says_damping_not_scale():
+    _, _, curv = _relu_problem()
+    lam_min = float(torch.linalg.eigvalsh(curv.matrix())[0])
+    v = torch.randn(1, curv.spec.numel, dtype=torch.float64)
+    solver = lf.LiSSASolver(damping=1e-4, scale=50.0, depth=20000, batch_size=len(curv.dataset))
+    with pytest.raises(
+        SolverDivergenceError, match=r"not `scale`.*indefinite.*`damping` > ([0-9.e-]+)"
+    ) as err:
+        solver.solve(curv, v)
+    advised = float(str(err.value).split("`damping` > ")[1].split(" ")[0])
+    assert advised == pytest.approx(-lam_min, rel=0.2)

@@ -278,8 +278,9 @@ def lissa(
             if not bool(torch.isfinite(hnorm).all()) or bool((hnorm > 2.0 * (j + 1) * vnorm).any()):
                 raise SolverDivergenceError(
                     f"LiSSA diverged at iteration {j} of chain {c} (|h| = {float(hnorm.max()):.3g} for |v| = "
-                    f"{float(vnorm.max()):.3g}): `scale` = {scale:g} is smaller than the Hessian's largest "
-                    "eigenvalue on some batches. Increase `scale` (try 10x), or use a larger `batch_size`."
+                    f"{float(vnorm.max()):.3g}): either `scale` = {scale:g} is smaller than the curvature's largest "
+                    "eigenvalue on some batches (increase `scale` or `batch_size`), or the damped curvature is "
+                    "indefinite (`damping` <= -lambda_min: no scale helps; raise `damping` or use Gauss-Newton)."
                 )
             done += 1
             if progress is not None:
@@ -808,6 +809,11 @@ class LiSSASolver(Solver):
         self._tuned = (key, scale, depth, details)
         return scale, depth, details
 
+    def _divergence_advice(self, curv: TrainingCurvature, scale: float) -> str:
+        """Why LiSSA diverged: an indefinite damped curvature (no scale fixes it) or too small a ``scale``."""
+        lo, hi = lanczos_extremes(curv.hvp, curv.theta, iters=30)
+        return _lissa_advice(lo, hi, float(self.damping), scale, curv.kind)
+
     def solve(self, curvature: TrainingCurvature, vectors: Tensor) -> Tensor:
         curv = self._on(curvature)
         scale, depth, details = self.tune(curv)
@@ -827,7 +833,10 @@ class LiSSASolver(Solver):
             def progress(done: int, total: int) -> None:
                 report("lissa", done, total)
 
-        total, diag = lissa(sample_hvp, vectors, float(self.damping), scale, depth, chains, progress)
+        try:
+            total, diag = lissa(sample_hvp, vectors, float(self.damping), scale, depth, chains, progress)
+        except SolverDivergenceError as err:
+            raise SolverDivergenceError(f"{err} {self._divergence_advice(curv, scale)}") from err
         total = curv.all_reduce(total)
         diag.extra.update(
             {"curvature": curv.kind, "damping": float(self.damping), "scale": scale, "depth": depth}
@@ -851,6 +860,21 @@ class LiSSASolver(Solver):
             )
         self._report(advice, reason)
         return total / self.repeats
+
+
+def _lissa_advice(lo: float, hi: float, damping: float, scale: float, kind: str) -> str:
+    if damping + lo <= 0:
+        need = -lo
+        return (
+            f"But the cause here is not `scale`: the {kind} is indefinite (Lanczos: lambda_min ~ {lo:.3g}, "
+            f"lambda_max ~ {hi:.3g}) and `damping` = {damping:g} does not exceed -lambda_min, so the recursion has a "
+            f"growing mode whatever the scale. Use `damping` > {need:.3g} (e.g. {max(2 * need, 1e-2 * hi):.3g}) or "
+            "`curvature='gauss_newton'`; raising `scale` only slows the growth and leaves s_test wrong."
+        )
+    return (
+        f"The damped {kind} is positive definite (Lanczos: lambda_min ~ {lo:.3g}, lambda_max ~ {hi:.3g}), so `scale` "
+        f"= {scale:g} is below the largest eigenvalue of some minibatch: use scale='auto' or a larger `batch_size`."
+    )
 
 
 def _power_iteration(matvec: MatVec, like: Tensor, iters: int = 20, seed: int = 0) -> float:
