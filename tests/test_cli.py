@@ -53,8 +53,7 @@ def _influence_args(root, *extra):
         "-c",
         CONFIGS / "digits_influence.yaml",
         f"--trainer.default_root_dir={root}",
-        "--solver.init_args.depth=20",
-        "--solver.init_args.repeats=1",
+        "--solver.init_args.tol=1e-4",  # the shipped AutoSolver: CG on Gauss-Newton here, to a looser tolerance
         "--queries.n=3",
         *QUIET,
         *extra,
@@ -86,12 +85,12 @@ def test_digits_fit_influence_evaluate_with_wandb_offline(digits_run):
         "--queries.n=2",
         "--ks=[10,100]",
         "--loo_removals=3",
-        "--solver.init_args.depth=50",
         *QUIET,
     )
     ev = json.loads((root / "evaluate" / "evaluation.json").read_text())
     assert [r["k"] for r in ev["knn_recall"]["rows"]] == [10, 100]
-    assert -1.0 <= ev["solver_agreement"]["spearman"] <= 1.0 and len(ev["leave_one_out"]["actual"]) == 3
+    assert ev["solver_agreement"]["spearman"] >= 0.99  # the default (auto: Exact on the head) vs a tight reference
+    assert len(ev["leave_one_out"]["actual"]) == 3
 
 
 def test_index_subcommand_rebuilds_the_fit_index(digits_run, tmp_path):
@@ -193,7 +192,7 @@ def test_mnist_configs_with_ivf_index_and_fast_lissa(tmp_path):
         "-c",
         CONFIGS / "mnist_influence.yaml",
         *common[2:],
-        "--solver.init_args.depth=10",
+        "--solver.init_args.tol=1e-4",
         "--queries.n=2",
         "--num_candidates=200",
     )
