@@ -71,6 +71,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100, help="kNN candidates per anchor")
     ap.add_argument("--damping", type=float, default=0.01, help="lambda of the ExactSolver on the head")
     ap.add_argument(
+        "--params",
+        choices=["head", "top2"],
+        default="head",
+        help="head: head.* (650, ExactSolver); top2: body.3.* + head.* (4,810, CG on Gauss-Newton)",
+    )
+    ap.add_argument(
         "--model-seed", type=int, default=0, help="seed of the relabelled examples and of training"
     )
     args = ap.parse_args()
@@ -104,8 +110,10 @@ def main() -> None:
     im = lf.InfluenceModule(
         model,
         train_set,
-        params=["head.*"],
-        solver=lf.ExactSolver(damping=args.damping),
+        params=["head.*"] if args.params == "head" else ["body.3.*", "head.*"],
+        solver=lf.ExactSolver(damping=args.damping)
+        if args.params == "head"
+        else lf.CGSolver(damping=args.damping, max_iter=100, tol=1e-6, curvature="gauss_newton"),
         num_candidates=args.k,
         progress=False,
     )
@@ -127,8 +135,10 @@ def main() -> None:
             "test_size": len(test),
             "test_accuracy": test_acc,
             "slice_size": len(ids),
-            "params": "head.* (650)",
-            "solver": f"ExactSolver(damping={args.damping:g})",
+            "params": "head.* (650)" if args.params == "head" else "body.3.* + head.* (4,810)",
+            "solver": f"ExactSolver(damping={args.damping:g})"
+            if args.params == "head"
+            else f"CGSolver(damping={args.damping:g}, gauss_newton)",
             "k": args.k,
             "model_seed": args.model_seed,
             **{k: v for k, v in vars(settings).items()},
@@ -144,7 +154,7 @@ def main() -> None:
         write_correction_report(
             res,
             report_dir
-            / f"{res.pool}-{args.mode}-damping{args.damping:g}-examples{args.examples}-model{args.model_seed}-{tag}.html",
+            / f"{res.pool}-{args.mode}-damping{args.damping:g}-examples{args.examples}-model{args.model_seed}-{args.params}-{tag}.html",
             title=f"Error correction, pool {name}",
         )
         data = res.to_dict()
@@ -172,6 +182,7 @@ def main() -> None:
     name = "correction" + ("" if args.mode == "relabel" else f"-{args.mode}")
     name += "" if args.damping == 0.01 else f"-damping{args.damping:g}"
     name += "" if args.examples == 8 else f"-examples{args.examples}"
+    name += "" if args.params == "head" else f"-{args.params}"
     name += ("" if args.model_seed == 0 else f"-model{args.model_seed}") + ("-quick" if args.quick else "")
     path = save_json(name, out)
     print(f"saved {path} ({out['seconds']:.0f}s); HTML reports in {Path(report_dir)}")
