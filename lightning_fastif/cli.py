@@ -501,7 +501,9 @@ class InfluenceTrainer(pl.Trainer):
         if lds.subsets:
             from lightning_fastif.lds import evaluate_lds
 
-            result["lds"] = evaluate_lds(im, datamodule, query_set, collate, lds, Path(output_dir) / "lds")
+            result["lds"] = evaluate_lds(
+                im, datamodule, query_set, collate, lds, Path(output_dir) / "lds", self
+            )
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(result, indent=2))

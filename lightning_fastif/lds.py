@@ -42,11 +42,13 @@ __all__ = [
     "IdentitySolver",
     "LDSReport",
     "LDSSettings",
+    "LDSTask",
     "lds_check",
     "lds_subsets",
     "linear_datamodeling_score",
     "predicted_group_effects",
     "retrain_subsets",
+    "run_lds",
     "shard_subsets",
 ]
 
@@ -281,8 +283,9 @@ def retrain_subsets(
     trainer_kwargs: dict[str, Any] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    only: list[int] | None = None,
 ) -> tuple[dict[int, Tensor], list[int], list[int], Path]:
-    """Retrain this rank's subsets (``rank::world_size``) through Lightning and record each query's loss.
+    """Retrain this rank's subsets (``rank::world_size``, or exactly ``only``) through Lightning; record query losses.
 
     Each subset: a deep copy of ``model`` loaded with the common initial state (seeded re-initialisation, or the
     trained weights with ``settings.warm_start``), ``pl.Trainer(max_epochs=...).fit`` on a shuffled
@@ -325,7 +328,7 @@ def retrain_subsets(
     results: dict[int, Tensor] = {}
     retrained: list[int] = []
     resumed: list[int] = []
-    for m in shard_subsets(int(subsets.shape[0]), rank, world_size):
+    for m in shard_subsets(int(subsets.shape[0]), rank, world_size) if only is None else only:
         path = folder / f"subset_{m:04d}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
@@ -474,7 +477,13 @@ def first_queries(dataset: Any, n: int, collate_fn: Any = None) -> Any:
 
 
 def evaluate_lds(
-    im: Any, datamodule: Any, query_set: Any, collate_fn: Any, settings: LDSSettings, output_dir: str | Path
+    im: Any,
+    datamodule: Any,
+    query_set: Any,
+    collate_fn: Any,
+    settings: LDSSettings,
+    output_dir: str | Path,
+    trainer: Any = None,
 ) -> dict[str, Any]:
     """The LDS block of ``lightning-fastif evaluate``: the first ``settings.num_queries`` query examples, batch
     size from the datamodule unless set; prints the table beside the solver and returns the report as a dict."""
@@ -483,9 +492,14 @@ def evaluate_lds(
     if settings.batch_size is None:
         bs = getattr(datamodule, "batch_size", None)
         settings = dataclasses.replace(settings, batch_size=bs if isinstance(bs, int) and bs > 0 else None)
-    rep = lds_check(im, first_queries(query_set, settings.num_queries, collate_fn), settings, output_dir)
+    query = first_queries(query_set, settings.num_queries, collate_fn)
+    rep = run_lds(trainer, im, query, settings, output_dir) if trainer is not None else None
+    if rep is None:  # no trainer, or a spawn/fork parent: every subset's file exists, so this resumes them
+        rep = lds_check(im, query, settings, output_dir)
     if rep is None:  # pragma: no cover - one process always finishes every subset
         return {}
+    if trainer is not None and trainer.global_rank != 0:
+        return rep.to_dict()
     start = (
         "warm start from the trained weights" if rep.warm_start else "cold, from one seeded initialisation"
     )
@@ -495,3 +509,113 @@ def evaluate_lds(
         f"{rep.to_table()}\n\nPublished for reference (dattri, MNIST MLP, cold retraining): CG ~0.26, TRAK-50 ~0.45."
     )
     return rep.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- under a Trainer
+def _lightning_module_base() -> type:
+    import lightning.pytorch as pl
+
+    return pl.LightningModule
+
+
+class LDSTask(_lightning_module_base()):  # type: ignore[misc]
+    """Retrain the LDS subsets under a Trainer's ``predict``, spread over processes, then compute the LDS.
+
+    Feed ``trainer.predict`` a loader of subset indices (``DataLoader(torch.arange(M), batch_size=1)``). With plain
+    DDP or ``InfluenceStrategy(shard="queries")`` the sampler gives rank r the subsets ``r::W``; with
+    ``InfluenceStrategy(shard="candidates")`` (every rank sees every batch) rank r takes subset m when
+    ``m % W == r``. Each subset is retrained by a one-process ``pl.Trainer`` inside its rank and saved to its file;
+    at the end of the epoch the ranks meet at a barrier and every rank computes the same :class:`LDSReport` from the
+    files (``report``), then calls ``on_done(report, trainer)``.
+
+    Args:
+        im: the :class:`~lightning_fastif.InfluenceModule`.
+        query: the query batch.
+        settings: :class:`LDSSettings`.
+        output_dir: where the per-subset files go.
+        scores: ``[Q, N]`` attribution to evaluate instead of ``im.influence(query)``.
+        trainer_kwargs: extra ``pl.Trainer`` arguments of each retraining.
+        on_done: ``callback(report, trainer)``, on every rank.
+    """
+
+    def __init__(
+        self,
+        im: Any,
+        query: Any,
+        settings: LDSSettings,
+        output_dir: str | Path,
+        scores: Tensor | None = None,
+        trainer_kwargs: dict[str, Any] | None = None,
+        on_done: Any = None,
+    ) -> None:
+        super().__init__()
+        self.im = im
+        self.query, self.settings, self.output_dir = query, settings, Path(output_dir)
+        self.scores, self.trainer_kwargs, self.on_done = scores, trainer_kwargs, on_done
+        self.subsets = lds_subsets(len(im.train_dataset), settings.subsets, settings.fraction, settings.seed)
+        self.done: list[int] = []
+        self.report: LDSReport | None = None
+
+    def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> int:
+        ids = torch.as_tensor(batch[0] if isinstance(batch, (list, tuple)) else batch).flatten().tolist()
+        if getattr(self.trainer.strategy, "shards_candidates", False):  # every rank sees every batch
+            ids = [m for m in ids if m % self.trainer.world_size == self.trainer.global_rank]
+        if ids:
+            _, retrained, _, _ = retrain_subsets(
+                self.im.model,
+                self.im.train_dataset,
+                self.subsets,
+                self.query,
+                self.settings,
+                self.output_dir,
+                loss_fn=self.im.loss.loss_fn,
+                collate_fn=self.im._user_collate,
+                trainer_kwargs=self.trainer_kwargs,
+                only=[int(m) for m in ids],
+            )
+            self.done.extend(retrained)
+        return len(ids)
+
+    def on_predict_epoch_end(self) -> None:
+        barrier = getattr(self.trainer.strategy, "barrier", None)
+        if callable(barrier):
+            barrier("lds-subsets-retrained")
+        with torch.enable_grad():
+            self.report = lds_check(
+                self.im,
+                self.query,
+                self.settings,
+                self.output_dir,
+                scores=self.scores,
+                trainer_kwargs=self.trainer_kwargs,
+            )
+        if self.report is not None:
+            self.report.retrained = sorted(self.done)  # what THIS rank retrained (the rest came from files)
+        if self.on_done is not None:
+            self.on_done(self.report, self.trainer)
+
+
+def run_lds(
+    trainer: Any,
+    im: Any,
+    query: Any,
+    settings: LDSSettings,
+    output_dir: str | Path,
+    *,
+    scores: Tensor | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    on_done: Any = None,
+) -> LDSReport | None:
+    """:func:`lds_check` through ``trainer.predict``: the subsets spread over the trainer's processes (DDP).
+
+    Returns the report, or None in a launcher's parent process (``start_method`` spawn/fork), where the ranks'
+    objects are not available (the per-subset files are: :func:`lds_check` then resumes every subset).
+    """
+    from torch.utils.data import DataLoader
+
+    if settings.subsets < 2:
+        raise ConfigurationError(expected("lds.subsets", "at least 2", settings.subsets))
+    task = LDSTask(im, query, settings, output_dir, scores, trainer_kwargs, on_done)
+    trainer.predict_loop.inference_mode = False
+    trainer.predict(task, DataLoader(torch.arange(settings.subsets), batch_size=1), return_predictions=False)
+    return task.report

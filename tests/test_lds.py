@@ -186,3 +186,40 @@ def test_evaluate_with_lds_end_to_end_on_digits(tmp_path):
         "subset_0001.json",
         "subset_0002.json",
     ]  # resumable: what a rerun loads instead of retraining
+
+
+@pytest.mark.distributed
+def test_lds_under_ddp_spreads_subsets_over_two_processes_and_equals_one_process(convex, tmp_path):
+    from lightning_fastif.lds import run_lds
+
+    im, query = convex
+    settings = LDSSettings(subsets=5, fraction=0.9, max_epochs=1, batch_size=10_000, warm_start=True)
+    one = lds_check(im, query, settings, tmp_path / "one")
+
+    def save(report, trainer):  # on every rank, after the barrier
+        (tmp_path / f"rank{trainer.global_rank}.json").write_text(json.dumps(report.to_dict()))
+
+    saved = dict(os.environ)
+    try:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=lf.InfluenceStrategy(shard="queries", timeout=60, start_method="fork"),
+            inference_mode=False,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        assert run_lds(trainer, im, query, settings, tmp_path / "ddp", on_done=save) is None  # the parent
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["retrained"] == [0, 2, 4] and reports[1]["retrained"] == [1, 3]  # each subset once
+    for rep in reports:  # every rank computed the same LDS from all five files, equal to one process
+        assert rep["per_query"] == pytest.approx(one.per_query, abs=1e-9) and rep["lds"] == pytest.approx(
+            one.lds
+        )
