@@ -516,6 +516,8 @@ class InfluenceTrainer(pl.Trainer):
             flat.update({"evaluate/solver_spearman": ag.spearman})
             if "leave_one_out" in result:
                 flat.update({"evaluate/loo_pearson": result["leave_one_out"]["pearson"]})
+            if result.get("lds"):
+                flat.update({"evaluate/lds": result["lds"]["lds"]})
             logger.log_metrics(flat)
             logger.save()
         rank_zero_info(f"lightning_fastif: evaluation written to {out / 'evaluation.json'}")

@@ -231,12 +231,24 @@ def _copy_model(model: nn.Module) -> nn.Module:
 def _seeded_init(model: nn.Module, seed: int) -> dict[str, Tensor]:
     """The state dict after re-initialising every submodule that has ``reset_parameters`` (seeded)."""
     fresh = _copy_model(model)
+    covered: set[str] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for module in fresh.modules():
+        for prefix, module in fresh.named_modules():
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()
+                covered.update(
+                    f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)
+                )
+    kept = [n for n, _ in fresh.named_parameters() if n not in covered]
+    if kept:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"LDS: {len(kept)} parameter tensor(s) belong to modules without `reset_parameters` and keep their "
+            f"trained values in every retraining (e.g. {kept[:3]}); the rest are re-initialised (seeded)."
+        )
     return {k: v.detach().clone() for k, v in fresh.state_dict().items()}
 
 

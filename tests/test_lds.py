@@ -223,3 +223,26 @@ def test_lds_under_ddp_spreads_subsets_over_two_processes_and_equals_one_process
         assert rep["per_query"] == pytest.approx(one.per_query, abs=1e-9) and rep["lds"] == pytest.approx(
             one.lds
         )
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.gain = nn.Parameter(torch.full((4,), 2.0))  # no reset_parameters: kept, with a warning
+
+    def forward(self, x):
+        return self.lin(x) * self.gain
+
+
+def test_seeded_initialisation_is_shared_and_leaves_the_model_alone():
+    from lightning_fastif.lds import _seeded_init
+
+    model = _Scaled()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="1 parameter tensor.*gain"):
+        a = _seeded_init(model, seed=3)
+    b = _seeded_init(model, seed=3)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same initialisation for every subset
+    assert not torch.equal(a["lin.weight"], before["lin.weight"]) and torch.equal(a["gain"], before["gain"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
