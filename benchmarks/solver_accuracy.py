@@ -13,7 +13,9 @@ contender's s_test, so the comparison is about s_test alone.
 Contenders, in one run:
 - ``auto``: ``InfluenceModule``'s default ``AutoSolver()`` as a user gets it (damping "auto"); its choice and the
   damping it picked are recorded; that damping (lambda) is then used for every Gauss-Newton contender and reference;
-- ``cg-gn``: ``CGSolver(lambda, tol=1e-6, max_iter=200, curvature="gauss_newton")``;
+- ``cg-gn``: ``CGSolver(lambda, tol=1e-6, max_iter=200, curvature="gauss_newton")`` (when auto chose exactly this
+  solver, its row is auto's, not rerun);
+- ``ekfac``: ``EKFACSolver(damping=lambda)`` (issue10-kfac's; true Fisher), one-time = the factor fit;
 - ``lissa-auto``: ``LiSSASolver(lambda, scale="auto", depth="auto", batch_size=100, curvature="gauss_newton")``;
 - ``fastif-original`` / ``fastif-fast``: ``LiSSASolver.fastif_original()`` / ``.fastif_fast()`` (damping 50, scale
   1e4, on the Hessian as in FastIF), compared with the float64 Hessian reference at damping 50 (their own system)
@@ -127,6 +129,7 @@ def run_solver(im: lf.InfluenceModule, solver: Any, q: tuple[Tensor, Tensor]) ->
         "warnings": sorted({str(w.message)[:200] for w in caught if "converge" in str(w.message)}),
         "config": repr(solver),
         "choice": getattr(solver, "choice", None),
+        "chosen": repr(getattr(solver, "chosen", None)),
         "damping": solver.damping_used,
         "curvature": d.extra.get("curvature"),
         "extra": {k: v for k, v in d.extra.items() if isinstance(v, (int, float, str, bool))},
@@ -158,7 +161,18 @@ def run_model(activation: str, args: argparse.Namespace) -> dict[str, Any]:
     ref_gn_info["seconds"] = time.perf_counter() - start
     print(f"[{activation}] GN reference at damping {lam:.4g}: {ref_gn_info}")
 
-    rows["cg-gn"] = run_solver(im, lf.CGSolver(lam, max_iter=200, tol=1e-6, curvature="gauss_newton"), q)
+    cg = lf.CGSolver(lam, max_iter=200, tol=1e-6, curvature="gauss_newton")
+    chosen = rows["auto"]["chosen"]
+    if chosen == repr(cg):  # auto chose exactly this solver: the same computation, not run twice
+        rows["cg-gn"] = {
+            **rows["auto"],
+            "choice": None,
+            "config": repr(cg),
+            "note": "= auto's choice (not rerun)",
+        }
+    else:
+        rows["cg-gn"] = run_solver(im, cg, q)
+    rows["ekfac"] = run_solver(im, lf.EKFACSolver(damping=lam), q)
     rows["lissa-auto"] = run_solver(
         im, lf.LiSSASolver(lam, scale="auto", depth="auto", batch_size=100, curvature="gauss_newton"), q
     )
@@ -191,9 +205,7 @@ def run_model(activation: str, args: argparse.Namespace) -> dict[str, Any]:
                 f"{a['topk']:.2f}",
                 f"{a['s_test_rel_error']:.2e}",
                 f"{r['vs_default_answer']['spearman']:.4f}" if "vs_default_answer" in r else "",
-                f"{r['converged']} ({r['measure']} {r['value']:.2g})"
-                if r["value"] is not None
-                else str(r["converged"]),
+                f"{r['converged']} ({r['measure_text']})",
                 f"{r['one_time_seconds']:.1f}",
                 f"{r['seconds_per_query']:.2f}",
             ]
