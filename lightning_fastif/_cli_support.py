@@ -169,17 +169,57 @@ def stderr_is_interactive() -> bool:
         return False
 
 
-class _DropTips:
-    """A logging filter that drops Lightning's advertising line (printed on every Trainer construction)."""
+class LightningInfoGate:
+    """A logging filter on Lightning's rank-zero logger: drops its advertising lines ("💡 Tip: ... litlogger") and,
+    while holding, keeps its start-up lines ("Seed set to 0", "GPU available: ...") back, so that an error found
+    while the command starts prints alone. They are let out (in order) by :meth:`release`, or by the first
+    message of the library itself; :meth:`discard` drops them after an error."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.held: list[Any] = []
 
     def filter(self, record: Any) -> bool:
         message = str(record.getMessage())
-        return not message.startswith("💡 Tip")
+        if message.startswith("💡 Tip"):
+            return False
+        if not self.hold:
+            return True
+        if message.startswith("lightning_fastif"):
+            self.release()
+            return True
+        self.held.append(record)
+        return False
+
+    def release(self) -> None:
+        import logging
+
+        self.hold = False
+        held, self.held = self.held, []
+        for record in held:
+            logging.getLogger(record.name).handle(record)
+
+    def discard(self) -> None:
+        self.hold, self.held = False, []
 
 
-def quiet_lightning_tips() -> None:
+_GATED = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+)
+_GATE = LightningInfoGate()
+
+
+def lightning_info_gate(reset: bool = True) -> LightningInfoGate:
+    """The gate on Lightning's rank-zero loggers (installed once); with ``reset``, emptied and holding."""
     import logging
 
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropTips) for f in logger.filters):
-        logger.addFilter(_DropTips())
+    for name in _GATED:
+        logger = logging.getLogger(name)
+        if _GATE not in logger.filters:
+            logger.addFilter(_GATE)
+    if reset:
+        _GATE.discard()
+        _GATE.hold = True
+    return _GATE

@@ -321,7 +321,7 @@ class InfluenceWriter(BasePredictionWriter):
                     else ["unreadable"]
                 )
                 rank_zero_warn(
-                    f"lightning_fastif: {self.path} holds results of other settings ({', '.join(diff)} differ): "
+                    f"lightning_fastif: {self.path} holds results of other settings (changed: {', '.join(diff)}): "
                     "starting it over instead of resuming"
                 )
                 start_over = True

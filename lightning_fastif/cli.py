@@ -669,6 +669,13 @@ class FastIFCLI(LightningCLI):
         if not stderr_is_interactive():  # output to a file or CI: no per-step progress bar updates
             parser.set_defaults({"trainer.enable_progress_bar": False})
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        from lightning_fastif._cli_support import lightning_info_gate
+
+        if subcommand in LightningCLI.subcommands():  # fit, test...: Lightning's start-up lines now
+            lightning_info_gate(reset=False).release()
+        super()._run_subcommand(subcommand)
+
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the checkpoint's hyper-parameters here: a file that is no checkpoint is a clear error."""
         sub = self.config.get("subcommand")
@@ -710,12 +717,12 @@ def main(args: list[str] | None = None) -> None:
         UsageError,
         debug_requested,
         describe,
+        lightning_info_gate,
         pop_option,
-        quiet_lightning_tips,
     )
     from lightning_fastif.threads import set_num_threads
 
-    quiet_lightning_tips()
+    gate = lightning_info_gate()  # Lightning's start-up lines wait until the command is under way
     argv = list(sys.argv[1:] if args is None else args)
     debug = debug_requested(argv)
     if debug:
@@ -735,11 +742,15 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=None if args is None else (argv or ["--help"]),
         )
+        gate.release()
     except (SystemExit, KeyboardInterrupt):
+        gate.release()
         raise
     except (Exception, UsageError) as err:
         if debug:
+            gate.release()
             raise
+        gate.discard()
         code, text = describe(err, argv, FastIFCLI.parsers)
         print(text, file=sys.stderr)
         sys.exit(code)

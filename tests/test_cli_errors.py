@@ -134,3 +134,13 @@ def test_default_threads_counts_the_cores_not_already_busy(monkeypatch):
     assert default_threads() == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's or a launcher's choice wins
     assert default_threads() == 3
+
+
+def test_lightnings_start_up_lines_do_not_precede_an_error(tmp_path, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        code, err = _fails(capsys, _influence(tmp_path, "--score_batch_size=0"))
+    assert code == 2
+    lightning = [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
+    assert not [m for m in lightning if m.startswith(("Seed set", "GPU available", "TPU available", "💡"))]
