@@ -524,3 +524,31 @@ def test_exact_head_search_in_factored_form_equals_the_sketch_search(trained, tm
     save_gradient_index(built, tmp_path / "head")
     loaded = load_gradient_index(tmp_path / "head", sketcher=built.sketcher)
     assert loaded.head_grads is not None and torch.equal(loaded.candidates(s, 30)[1], ids)
+
+
+def test_kronecker_sketch_of_hf_bert_layers_sums_over_tokens_and_matches_per_example_gradients():
+    _models = pytest.importorskip("_models")
+    pytest.importorskip("transformers")
+    from lightning_fastif.functional.batch import fetch
+
+    model, train, _ = _models.hf_bert("eager", n_train=12)
+    model.eval()
+    patterns = [
+        "bert.encoder.layer.0.output.dense.*",
+        "classifier.*",
+    ]  # a token-wise Linear [B, T, 24] and the head
+    loss = resolve_loss(model)
+    sk = GradientSketcher(
+        model, loss, patterns, "kronecker", dim=10**6
+    )  # factors as large as the layers: exact
+    assert sk.method == "kronecker" and all(p.r_in is None and p.r_out is None for _, p in sk.layers)
+    x, _, _ = sk.sketch_rows(train, batch_size=5)
+    params = select_params(model, patterns)
+    spec = ParamSpec.of(params)
+    ref = []
+    for i in range(len(train)):  # one backward per example
+        p = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+        g = torch.autograd.grad(loss(p, fetch(train, [i])).sum(), [p[n] for n in spec.names])
+        ref.append(torch.cat([t.flatten() for t in g]))
+    s = torch.randn(3, spec.numel)
+    torch.testing.assert_close(x @ sk.query(s).T, torch.stack(ref) @ s.T, rtol=1e-4, atol=1e-5)
