@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "InfluenceReport": "lightning_fastif.reporting.callback",
     "InfluenceStrategy": "lightning_fastif.strategy",
     "approximation_diagnostics": "lightning_fastif.diagnostics",
+    "compare_candidate_spaces": "lightning_fastif.diagnostics",
     "CorrectionSettings": "lightning_fastif.applications.correct",
     "SliceSpec": "lightning_fastif.applications.correct",
     "PoolInfluenceModule": "lightning_fastif.applications.pool",
@@ -60,6 +61,7 @@ __all__ = [
     "SliceSpec",
     "__version__",
     "approximation_diagnostics",
+    "compare_candidate_spaces",
     "group_influence",
     "group_s_test",
     "lds_check",
@@ -84,12 +86,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_fastif.callbacks import FeatureIndexCallback, InfluenceWriter
-    from lightning_fastif.diagnostics import approximation_diagnostics
-    from lightning_fastif.gradient_callback import GradientIndexCallback
+    from lightning_fastif.diagnostics import approximation_diagnostics, compare_candidate_spaces
     from lightning_fastif.functional.solvers import CGSolver, ExactSolver, LiSSASolver
-    from lightning_fastif.solver_choice import AutoSolver
+    from lightning_fastif.gradient_callback import GradientIndexCallback
     from lightning_fastif.kfac_solver import EKFACSolver, KFACSolver
     from lightning_fastif.module import InfluenceModule
     from lightning_fastif.reporting.callback import InfluenceReport
     from lightning_fastif.results import InfluenceResult
+    from lightning_fastif.solver_choice import AutoSolver
     from lightning_fastif.strategy import InfluenceStrategy
