@@ -416,3 +416,27 @@ def test_refine_runs_preconditioned_cg_to_the_exact_gauss_newton_solution(mlp_pr
     assert d.converged and d.residual_norm <= 1e-10 and 1 < d.iterations < 100
     plain = EKFACSolver(damping=0.05).solve(cur, v)
     assert (plain - want).norm() > 1e-3 * want.norm()  # the structured inverse alone is not exact
+
+
+def test_a_models_own_per_example_loss_falls_back_to_the_empirical_fisher():
+    class OwnLoss(nn.Module):  # the loss is a closed box: no outputs to sample labels from
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def per_example_loss(self, batch):
+            return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+    torch.manual_seed(5)
+    model = OwnLoss().double()
+    ds = TensorDataset(torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    cur = _curvature(model, ds)
+    true, _ = _fit(EKFACSolver, cur, fisher="true")
+    empirical, _ = _fit(EKFACSolver, cur, fisher="empirical")
+    torch.testing.assert_close(true.corrected["lin"], empirical.corrected["lin"], rtol=0, atol=0)
+    solver = EKFACSolver(damping=0.1, residual="none")
+    solver.solve(cur, torch.zeros(1, 15, dtype=torch.float64))
+    assert "empirical" in solver.diagnostics.extra["curvature"]
