@@ -171,7 +171,9 @@ class AutoSolver(Solver):
             cg_work = 50.0 * curvature.num_examples * p
             cheap = cg_work <= self.cg_budget
             if cheap:
-                too_big += f"; CG is affordable here (50 N P = {cg_work:.2g} <= cg_budget {self.cg_budget:.2g})"
+                too_big += (
+                    f"; CG is affordable here (50 N P = {cg_work:.2g} <= cg_budget {self.cg_budget:.2g})"
+                )
             if not cheap and requested != "hessian" and self._ekfac_supports(curvature):
                 mode = "gauss_newton" if curvature.can_split() else (requested or "hessian")
                 lam, lam_txt = self._gn_damping(curvature.with_mode(mode))
