@@ -192,23 +192,32 @@ class _KroneckerSolver(Solver):
             "cached_factors": cached,
             "residual_on": measured_on,
             "note": (
-                "EK-FAC-preconditioned CG: the measure is the relative residual of the CG recurrence on the full "
-                "training set"
+                "EK-FAC-preconditioned CG on the full training set: the measure is the preconditioned residual "
+                "sqrt(r' M^-1 r) relative to its start (an estimate of the error in the (C + damping I)-norm, the "
+                "one influence scores feel); extra['relative_residual'] is the plain ||r|| / ||v||"
                 if self.refine
                 else "a structured inverse: approximate by design, not an iteration; the measure is the relative "
                 "residual of x against the damped Gauss-Newton system (of one training batch unless "
                 "residual='full')"
             ),
         }
+        if self.refine:
+            extra["relative_residual"] = self._plain_residual
         self.diagnostics = _diagnostics(
             self.name,
             iterations=iterations,
-            residual_norm=value,
+            residual_norm=self._plain_residual if self.refine else value,
             estimate_norm=float(x.norm(dim=-1).max()) if x.numel() else 0.0,
             converged=(not measured) or value <= tolerance,
             seconds=time.perf_counter() - start,
             extra=extra,
-            measure="relative_residual" if measured else "not_measured",
+            measure=(
+                "relative_preconditioned_residual"
+                if self.refine
+                else "relative_residual"
+                if measured
+                else "not_measured"
+            ),
             value=value if measured else float("nan"),
             tolerance=tolerance,
         )
@@ -231,7 +240,7 @@ class _KroneckerSolver(Solver):
         """``refine`` steps of CG on the full Gauss-Newton system, preconditioned by the fitted factors."""
         cur = self._gauss_newton(curvature)
         with _eval(_model_of(curvature)):
-            x, iterations, rel = preconditioned_cg(
+            x, iterations, rel_m, rel = preconditioned_cg(
                 cur.hvp,
                 vectors,
                 lambda r: solve_kfac(factors, curvature.spec, r, self.damping, self.kind),
@@ -239,7 +248,8 @@ class _KroneckerSolver(Solver):
                 self.refine,
                 self.tol,
             )
-        return x, iterations, rel, f"{getattr(cur, 'kind', 'hessian')}, full training set"
+        self._plain_residual = rel
+        return x, iterations, rel_m, f"{getattr(cur, 'kind', 'hessian')}, full training set"
 
     def _residual(self, curvature: TrainingCurvature, x: Tensor, v: Tensor) -> tuple[float | None, str]:
         """``max_q ||(C + damping I) x - v|| / ||v||`` with C the Gauss-Newton matrix (the Hessian when the loss
@@ -301,8 +311,10 @@ class EKFACSolver(_KroneckerSolver):
         residual_batch_size: batch size of ``residual="batch"``.
         refine: after the structured solve, up to this many steps of conjugate gradient on the full Gauss-Newton
             system (one training-set pass each), preconditioned by the factors: the answer then tends to the exact
-            one, and the measure is CG's relative residual (converged at ``tol``). 0 (default): no refinement.
-        tol: the relative residual at which ``refine`` stops.
+            one; the measure is the preconditioned residual ``sqrt(r' M^-1 r)`` relative to its start (converged
+            at ``tol``). On MNIST MLPs 10 steps took Spearman 0.47/0.56 to 0.94/0.97; EK-FAC helps most in the
+            first ~20 steps (for tight tolerances plain CG needs as few steps). 0 (default): no refinement.
+        tol: the relative preconditioned residual at which ``refine`` stops.
 
     Raises:
         UnsupportedModelError: (at the first solve) some selected parameters are not in a supported layer.

@@ -692,25 +692,32 @@ def preconditioned_cg(
     damping: float,
     max_iter: int,
     tol: float,
-) -> tuple[Tensor, int, float]:
+) -> tuple[Tensor, int, float, float]:
     """Preconditioned conjugate gradient on ``(C + damping I) x = rhs`` for every row of ``rhs [Q, P]``.
 
-    ``precond(r)`` applies an approximate inverse (EK-FAC's); the first iterate is the EK-FAC answer, optimally
-    scaled, and each further iteration (one product with ``C``) moves towards the exact solution. Rows stop one by
-    one at ``||r|| <= tol ||rhs||``.
+    ``precond(r)`` applies an approximate inverse ``M^-1`` (EK-FAC's); the first iterate is the EK-FAC answer,
+    optimally scaled, and each further iteration (one product with ``C``) moves towards the exact solution. Rows
+    stop one by one when the preconditioned residual ``sqrt(r' M^-1 r)`` falls to ``tol`` times its start
+    ``sqrt(v' M^-1 v)``: with ``M ~ C + damping I`` that is the error of x in the ``(C + damping I)``-norm, which
+    is the norm that matters for influence scores (their mean square error over training gradients is
+    ``e' C e`` for the Fisher/Gauss-Newton C); the plain residual ``||r||`` weights the high-curvature directions,
+    which PCG leaves for last.
 
     Returns:
-        ``x [Q, P]``, the iterations run and the largest relative residual ``||r|| / ||rhs||`` (of the recurrence).
+        ``x [Q, P]``, the iterations run, the largest relative preconditioned residual and the largest relative
+        plain residual ``||r|| / ||rhs||`` (both of the recurrence).
     """
     x = torch.zeros_like(rhs)
     r = rhs.clone()
-    bnorm = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
+    tiny = torch.finfo(rhs.dtype).tiny
+    bnorm = rhs.norm(dim=1).clamp_min(tiny)
     z = precond(r)
     p = z.clone()
     rz = (r * z).sum(1)
+    rz0 = rz.clamp_min(tiny)
     it = 0
     for it in range(1, max_iter + 1):
-        active = r.norm(dim=1) > tol * bnorm
+        active = rz.clamp_min(0).sqrt() > tol * rz0.sqrt()
         if not bool(active.any()):
             it -= 1
             break
@@ -721,6 +728,7 @@ def preconditioned_cg(
         r = r - alpha[:, None] * ap
         z = precond(r)
         rz_new = (r * z).sum(1)
-        p = z + torch.where(active, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)[:, None] * p
-        rz = rz_new
-    return x, it, float((r.norm(dim=1) / bnorm).max())
+        p = z + torch.where(active, rz_new / rz.clamp_min(tiny), 0.0)[:, None] * p
+        rz = torch.where(active, rz_new, rz)
+    rel_m = float((rz.clamp_min(0) / rz0).sqrt().max())
+    return x, it, rel_m, float((r.norm(dim=1) / bnorm).max())
