@@ -140,7 +140,7 @@ def test_lightnings_start_up_lines_do_not_precede_an_error(tmp_path, capsys, cap
     import logging
 
     with caplog.at_level(logging.INFO):
-        code, err = _fails(capsys, _influence(tmp_path, "--score_batch_size=0"))
+        code, _ = _fails(capsys, _influence(tmp_path, "--score_batch_size=0"))
     assert code == 2
     lightning = [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
     assert not [m for m in lightning if m.startswith(("Seed set", "GPU available", "TPU available", "💡"))]
