@@ -123,15 +123,21 @@ def describe(err: BaseException, argv: list[str], parsers: dict[str, Any]) -> tu
     if name == "lightning" and type(err).__name__ == "MisconfigurationException":
         return USAGE_EXIT, f"{prog}: error: {err}"
     return FAILURE_EXIT, (
-        f"{prog}: error: {type(err).__name__}: {err}\n"
-        f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+        f"{prog}: error: {type(err).__name__}: {err}\n(rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
     )
 
 
 def _clean_parser_message(text: str) -> str:
     """jsonargparse's message without its noise: the union's list of subtypes, the "given value" echo and the
     ``Expected a <class 'NoneType'>`` alternative; what is left are the reasons, one per line."""
-    noise = ("Subtypes:", "Errors:", "Given value type", "Given value:", "tip:", "- Expected a <class 'NoneType'>")
+    noise = (
+        "Subtypes:",
+        "Errors:",
+        "Given value type",
+        "Given value:",
+        "tip:",
+        "- Expected a <class 'NoneType'>",
+    )
     lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
     kept = [line for line in lines if not line.strip().startswith(noise)]
     if not kept:
@@ -159,7 +165,9 @@ def own_groups_first(parser: Any, own: Iterable[str]) -> None:
         return
     rest = [g for g in groups if g not in head and g not in mine]
     parser._action_groups = head + mine + rest
-    parser.usage = "%(prog)s [-c CONFIG] [--OPTION VALUE ...]   (the subcommand's options first, then Lightning's)"
+    parser.usage = (
+        "%(prog)s [-c CONFIG] [--OPTION VALUE ...]   (the subcommand's options first, then Lightning's)"
+    )
 
 
 def stderr_is_interactive() -> bool:

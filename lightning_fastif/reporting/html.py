@@ -310,7 +310,9 @@ def _explanations_html(records: list[InfluenceResult], summary: Mapping[str, Any
     n_text = f"N = {int(n):,}" if isinstance(n, numbers.Integral) else "N = the training set size"
     example = ""
     if isinstance(n, numbers.Integral) and n > 0:
-        example = f" (a score of −{_num(0.05 * n, signed=False)} means removing z raises the loss by about 0.05)"
+        example = (
+            f" (a score of −{_num(0.05 * n, signed=False)} means removing z raises the loss by about 0.05)"
+        )
     parts = [
         '<p class="legend"><b>Size of a score:</b> removing a training example z changes this query\'s loss by about '
         f"<b>−I/N</b> ({_e(n_text)}){_e(example)}: the first-order estimate of leave-one-out retraining.</p>"
