@@ -10,8 +10,8 @@ Problems (as ``benchmarks/fastif_speedup.py``): MNIST 60,000 with a tanh MLP 784
 200,000 (a 32-d Gaussian mixture, MLP 32-128-128-10). Parameter sets: the head (s_test by ExactSolver, cached) and
 all parameters (s_test by LiSSA with scale="auto", depth 100: the retrieval is measured against the full scan with
 the same s_test, so the solver's accuracy does not enter the recall). Gradient sketches: the exact head sketch
-(C (d+1) numbers), and the Kronecker (LoGra) projection at the default dimension 1024 (and 4096 on MNIST, all
-parameters).
+(C (d+1) numbers), and the Kronecker (LoGra) projection at the default dimension 1024 (all parameters: also stored
+as float16, and at 4096 on MNIST).
 
 Run: ``python benchmarks/retrieval.py`` (``--quick``: 10,000 MNIST images, 20,000 generated, 4 queries).
 """
@@ -182,7 +182,15 @@ def main() -> None:
                         "gradients kronecker": {"method": "kronecker"},
                     },
                 ),
-                (None, lissa, {"gradients kronecker": {"method": "kronecker"}, **wide}),
+                (
+                    None,
+                    lissa,
+                    {
+                        "gradients kronecker": {"method": "kronecker"},
+                        "gradients kronecker fp16": {"method": "kronecker", "float16": True},
+                        **wide,
+                    },
+                ),
             ):
                 label = f"{name} {'head' if params else 'all parameters'}"
                 case_dir = Path(tmp) / label.replace(" ", "_")
