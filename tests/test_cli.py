@@ -42,7 +42,10 @@ def digits_run(tmp_path_factory):
         "--trainer.max_epochs=4",
         *QUIET,
     )
-    return root
+    yield root
+    import wandb
+
+    wandb.finish()  # Lightning never finishes the run: a later WandbLogger of the session would reuse it
 
 
 def _influence_args(root, *extra):
@@ -74,6 +77,9 @@ def test_digits_fit_influence_evaluate_with_wandb_offline(digits_run):
     assert tables, "the W&B table is in the offline run files"
     table = json.loads(Path(tables[-1]).read_text())
     assert "train_id" in table["columns"] and len(table["data"]) == 3 * 2 * 8
+    import wandb
+
+    wandb.finish()
     _run(
         "evaluate",
         "-c",

@@ -67,8 +67,13 @@ def test_an_unusable_wandb_folder_fails_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     (tmp_path / "wb").write_text("a file")
     logger = WandbLogger(save_dir=str(tmp_path / "wb"), offline=True, project="t")
-    with pytest.raises(ConfigurationError, match=r"`WandbLogger\(save_dir\)`.*existing file"):
-        _predict([lf.InfluenceReport(tmp_path / "out")], logger=logger)
+    import wandb
+
+    try:
+        with pytest.raises(ConfigurationError, match=r"`WandbLogger\(save_dir\)`.*existing file"):
+            _predict([lf.InfluenceReport(tmp_path / "out")], logger=logger)
+    finally:
+        wandb.finish()  # a run left open would be reused by the next WandbLogger of the session
 
 
 def test_path_checks_inspect_without_creating(tmp_path):
