@@ -384,3 +384,44 @@ def test_other_loss_modules_on_the_model_keep_their_settings(kind):
     assert im.loss.description.startswith(want) and im.loss.description.endswith("from model.criterion")
     ref = reference_influence(model, train, query, ref_loss, ["head.weight", "head.bias"], DAMP)
     assert _close(im.influence(query), ref)
+
+
+def test_a_selected_scalar_parameter_agrees_with_the_float64_reference():
+    """A 0-dim parameter (a learned temperature) is selected, flattened and unflattened like any other."""
+    import lightning_fastif as lf
+    from torch import nn
+
+    class Tempered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.temperature = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.temperature
+
+    torch.manual_seed(0)
+    model = Tempered().double()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    train = torch.utils.data.TensorDataset(x, y)
+    im = lf.InfluenceModule(model, train, solver=lf.ExactSolver(damping=0.1), num_candidates=None)
+    scores = im.influence((x[:2], y[:2]))
+    # reference: explicit Hessian of the mean loss over the flat (weight, bias, temperature) vector
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+
+    def losses(flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        parts, at = {}, 0
+        for n, s in zip(names, shapes):
+            k = int(torch.Size(s).numel())
+            parts[n] = flat[at : at + k].reshape(s)
+            at += k
+        out = torch.func.functional_call(model, parts, (xb,))
+        return torch.nn.functional.cross_entropy(out, yb, reduction="none")
+
+    h = torch.autograd.functional.hessian(lambda f: losses(f, x, y).mean(), flat0)
+    gq = torch.autograd.functional.jacobian(lambda f: losses(f, x[:2], y[:2]), flat0)
+    gt = torch.autograd.functional.jacobian(lambda f: losses(f, x, y), flat0)
+    s = torch.linalg.solve(h + 0.1 * torch.eye(len(flat0), dtype=h.dtype), gq.T).T
+    torch.testing.assert_close(scores, -(s @ gt.T), rtol=1e-6, atol=1e-9)

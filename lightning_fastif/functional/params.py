@@ -94,7 +94,7 @@ class ParamSpec:
         """``[..., P]`` -> ``{name: [..., *shape]}`` (views of ``flat``)."""
         lead = flat.shape[:-1]
         pieces = torch.split(flat, list(self.numels), dim=-1)
-        return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, pieces, self.shapes)}
+        return {n: t.reshape((*lead, *s)) for n, t, s in zip(self.names, pieces, self.shapes)}
 
 
 def fingerprint(model: nn.Module, include_buffers: bool = True) -> str:
