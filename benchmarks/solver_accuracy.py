@@ -16,7 +16,8 @@ Contenders, in one run:
 - ``cg-gn``: ``CGSolver(lambda, tol=1e-6, max_iter=200, curvature="gauss_newton")`` (when auto chose exactly this
   solver, its row is auto's, not rerun);
 - ``ekfac``: ``EKFACSolver(damping=lambda)`` (issue10-kfac's; true Fisher), one-time = the factor fit;
-- ``lissa-auto``: ``LiSSASolver(lambda, scale="auto", depth="auto", batch_size=100, curvature="gauss_newton")``;
+- ``lissa-auto``: ``LiSSASolver(lambda, scale="auto", depth="auto", batch_size=100, curvature="gauss_newton")``, and
+  ``lissa-auto-x4`` with ``repeats=4`` (its chains' spread is then part of the convergence measure);
 - ``fastif-original`` / ``fastif-fast``: ``LiSSASolver.fastif_original()`` / ``.fastif_fast()`` (damping 50, scale
   1e4, on the Hessian as in FastIF), compared with the float64 Hessian reference at damping 50 (their own system)
   AND with the Gauss-Newton reference at lambda (what the default answers).
@@ -117,6 +118,8 @@ def run_solver(im: lf.InfluenceModule, solver: Any, q: tuple[Tensor, Tensor]) ->
     measure = f"{d.measure} {d.value:.2g}" if d.value is not None else d.measure
     if "last_step_change" in d.extra:
         measure += f", last step {d.extra['last_step_change']:.2g}"
+    if isinstance(d.extra.get("chain_spread"), float):
+        measure += f", chain spread {d.extra['chain_spread']:.2g}"
     return {
         "s": s.detach().double(),
         "seconds_per_query": per_query,
@@ -175,6 +178,11 @@ def run_model(activation: str, args: argparse.Namespace) -> dict[str, Any]:
     rows["ekfac"] = run_solver(im, lf.EKFACSolver(damping=lam), q)
     rows["lissa-auto"] = run_solver(
         im, lf.LiSSASolver(lam, scale="auto", depth="auto", batch_size=100, curvature="gauss_newton"), q
+    )
+    rows["lissa-auto-x4"] = run_solver(
+        im,
+        lf.LiSSASolver(lam, scale="auto", depth="auto", batch_size=100, repeats=4, curvature="gauss_newton"),
+        q,
     )
     for name in ("fastif-original", "fastif-fast"):
         preset = lf.LiSSASolver.fastif_original if name == "fastif-original" else lf.LiSSASolver.fastif_fast

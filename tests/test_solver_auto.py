@@ -238,3 +238,24 @@ def test_lissa_divergence_on_an_indefinite_hessian_says_damping_not_scale():
         solver.solve(curv, v)
     advised = float(str(err.value).split("`damping` > ")[1].split(" ")[0])
     assert advised == pytest.approx(-lam_min, rel=0.2)
+
+
+def test_lissa_chain_spread_measures_the_minibatch_noise_that_the_last_step_misses():
+    _, _, curv = _relu_problem(n=200, mode="gauss_newton")
+    g = curv.matrix()
+    v = torch.randn(1, curv.spec.numel, dtype=torch.float64)
+    lam = 0.2
+    ref = _solve_ref(g, lam, v)
+    noisy = lf.LiSSASolver(lam, scale="auto", depth="auto", repeats=4, batch_size=4, seed=1)
+    with pytest.warns(SolverConvergenceWarning, match="chains disagree"):
+        x = noisy.solve(curv, v)
+    d = noisy.diagnostics
+    err = float((x - ref).norm() / ref.norm())
+    assert not d.converged and d.extra["damped_mode_remaining"] <= 0.01
+    assert 0.2 * err <= d.extra["chain_spread"] <= 5 * err  # the spread is of the size of the real error
+    exact = lf.LiSSASolver(lam, scale="auto", depth="auto", repeats=2, batch_size=len(curv.dataset))
+    exact.solve(curv, v)  # full batches: the chains agree exactly
+    assert exact.diagnostics.extra["chain_spread"] < 1e-8
+    one = lf.LiSSASolver(lam, scale="auto", depth="auto", batch_size=len(curv.dataset))
+    one.solve(curv, v)
+    assert one.diagnostics.extra["chain_spread"] == "not measured (repeats=1)"

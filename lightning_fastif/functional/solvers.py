@@ -256,7 +256,9 @@ def lissa(
     Diagnostics: ``residual_norm`` is the largest relative change of the last step, ``||h_J - h_{J-1}|| / ||h_J||``;
     ``extra["damped_mode_remaining"]`` is ``(1 - d)^J``, the factor by which the slowest direction (a zero
     eigenvalue of H) has not yet converged. ``converged`` needs both below 1e-2: otherwise increase ``depth`` (to
-    about ``5 scale / damping``) or ``damping``.
+    about ``5 scale / damping``) or ``damping``. With several repeats, :class:`LiSSASolver` also measures the
+    chains' disagreement (``extra["chain_spread"]``, the relative standard error of their mean: the minibatch noise
+    that neither of the two sees) and needs it below 1e-2 too.
 
     Raises:
         SolverDivergenceError: the iterates become non-finite or grow past ``2 (j + 1) ||v||``, which a
@@ -267,6 +269,9 @@ def lissa(
     d = damping / scale
     vnorm = rhs.norm(dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
     total = torch.zeros_like(rhs)
+    sumsq = torch.zeros(
+        rhs.shape[0], dtype=rhs.dtype, device=rhs.device
+    )  # sum over chains of |x_c|^2, per query
     done = 0
     last_step = 0.0
     for c in chains:
@@ -286,6 +291,7 @@ def lissa(
             if progress is not None:
                 progress(done, depth * len(chains))
         total = total + h / scale
+        sumsq = sumsq + (h / scale).pow(2).sum(-1)
         # the last step's relative change: near 0 once the recursion has settled (minibatch noise keeps it above 0)
         last_step = max(last_step, float(((h - h_prev).norm(dim=-1) / hnorm.clamp_min(1e-30)).max()))
     remaining = (1.0 - d) ** depth
@@ -301,6 +307,7 @@ def lissa(
             "d": d,
             "damped_mode_remaining": remaining,
             "last_step_change": last_step,
+            "_sumsq": sumsq,  # for the chain spread over all ranks (LiSSASolver pops it)
         },
         measure="damped_mode_remaining",
         value=remaining,
@@ -838,14 +845,28 @@ class LiSSASolver(Solver):
         except SolverDivergenceError as err:
             raise SolverDivergenceError(f"{err} {self._divergence_advice(curv, scale)}") from err
         total = curv.all_reduce(total)
+        sumsq = curv.all_reduce(diag.extra.pop("_sumsq"))
         diag.extra.update(
             {"curvature": curv.kind, "damping": float(self.damping), "scale": scale, "depth": depth}
         )
         diag.extra.update(details)
+        spread = _chain_spread(total, sumsq, self.repeats)
+        diag.extra["chain_spread"] = spread if spread is not None else "not measured (repeats=1)"
+        if spread is not None and spread >= LISSA_SETTLED:
+            diag.converged = False
         self.damping_used = float(self.damping)
         self.diagnostics = diag
         remaining, step = diag.extra["damped_mode_remaining"], diag.extra["last_step_change"]
-        if remaining >= LISSA_SETTLED:
+        if spread is not None and spread >= LISSA_SETTLED and remaining < LISSA_SETTLED:
+            reason = (
+                f"the {self.repeats} chains disagree: the standard error of their mean is {spread:.3g} of |s_test| "
+                f"(>= {LISSA_SETTLED:g}; minibatch noise)"
+            )
+            advice = (
+                f"Raise `batch_size` (now {self.batch_size}) or `repeats` (now {self.repeats}), or use CGSolver / "
+                "solver='auto'."
+            )
+        elif remaining >= LISSA_SETTLED:
             reason = f"(1 - damping/scale)^depth = {remaining:.3g} >= {LISSA_SETTLED:g} of the slowest mode remains"
             advice = (
                 f"Raise `depth` (now {depth}; or depth='auto') or `damping`, or use CGSolver / solver='auto'."
@@ -860,6 +881,17 @@ class LiSSASolver(Solver):
             )
         self._report(advice, reason)
         return total / self.repeats
+
+
+def _chain_spread(total: Tensor, sumsq: Tensor, repeats: int) -> float | None:
+    """Largest relative standard error ``sqrt(var_c / R) / |mean|`` of the mean of ``R >= 2`` chains, or None."""
+    if repeats < 2:
+        return None
+    mean = total / repeats
+    mnorm2 = mean.pow(2).sum(-1)
+    var = (sumsq / repeats - mnorm2).clamp_min(0) * repeats / (repeats - 1)  # sample variance (summed over P)
+    se = (var / repeats).sqrt() / mnorm2.sqrt().clamp_min(torch.finfo(total.dtype).tiny)
+    return float(se.max()) if se.numel() else 0.0
 
 
 def _lissa_advice(lo: float, hi: float, damping: float, scale: float, kind: str) -> str:
