@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -63,10 +64,15 @@ def _influence_args(root, *extra):
     ]
 
 
-def test_digits_fit_influence_evaluate_with_wandb_offline(digits_run):
+def test_digits_fit_influence_evaluate_with_wandb_offline(digits_run, caplog):
+    import logging
+
     root = digits_run
     assert (root / "checkpoints" / "model.ckpt").is_file() and (root / "index" / "meta.json").is_file()
-    _run(*_influence_args(root))
+    with caplog.at_level(logging.INFO):
+        _run(*_influence_args(root))
+    # the W&B run folder is printed, with the command that uploads it (`make demo` shows it)
+    assert re.search(r"run folder \S*/wandb/offline-run-\S+ \(offline: upload it with `wandb sync ", caplog.text)
     lines = (root / "influence" / "influence.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(len(json.loads(line)["helpful_ids"]) == 8 for line in lines)
     html = (root / "influence" / "report.html").read_text()
