@@ -27,6 +27,8 @@ Contenders (one run, side by side):
   (kronfluence's sign is "positive = helpful": multiplied by -1). Its per-query time includes scoring all training
   examples, so ours is also reported with the library's jvp scoring of all training examples added.
 
+``--diagnose`` adds EK-FAC with ``fisher="exact"`` (the expectation over labels, no sampling noise) and counts the steps
+EK-FAC-preconditioned CG and plain CG need to reach tolerances 1e-2 and 1e-4 (slow: use with ``--quick``).
 ``--blockdiag`` adds what any per-layer curvature can reach at best: each layer's exact Gauss-Newton block, solved by
 float64 CG (cross-layer terms dropped); slow, meant for ``--quick``.
 
@@ -69,6 +71,7 @@ from torch.utils.data import TensorDataset
 from lightning_fastif import CGSolver, EKFACSolver, KFACSolver
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads
+from lightning_fastif.functional.kfac import preconditioned_cg, solve_kfac
 from lightning_fastif.functional.losses import PerExampleLoss
 from lightning_fastif.functional.params import ParamSpec, select_params
 from lightning_fastif.functional.scores import jvp_scores
@@ -279,6 +282,15 @@ def ours(
     }
 
 
+def ours_exact_fisher(pb: dict[str, Any], v: Tensor, damping: float) -> dict[str, Any]:
+    """EK-FAC with ``fisher="exact"`` (no sampling noise): fit and one solve."""
+    cur = curvature(pb["model"], TensorDataset(pb["x"], pb["y"]))
+    solver = EKFACSolver(damping=damping, fisher="exact", residual="none")
+    start = time.perf_counter()
+    s = solver.solve(cur, v)
+    return {"s_test": s, "fit_seconds": time.perf_counter() - start}
+
+
 def cg_library(pb: dict[str, Any], v: Tensor, damping: float) -> dict[str, Any]:
     cur = curvature(pb["model"], TensorDataset(pb["x"], pb["y"]), mode="gauss_newton")
     solver = CGSolver(damping=damping, max_iter=100, tol=1e-4)
@@ -388,10 +400,29 @@ def run_model(activation: str, args: argparse.Namespace, tmp: Path) -> dict[str,
         bd = block_diagonal_solve(hand, v, args.damping)
         raw["exact block-diagonal GGN (float64 CG)"] = {"s_test": bd, "fit_seconds": 0.0,
                                                          "per_query_seconds": (time.perf_counter() - start) / len(v)}  # fmt: skip
+    if args.diagnose:
+        diag_exact = ours_exact_fisher(pb, v, args.damping)
+        raw["EK-FAC fisher='exact' (ours)"] = diag_exact
     ref, ref_info = reference(hand, v, args.damping, None if args.no_cache else CACHE)
+    if args.diagnose:  # steps to a tolerance: EK-FAC-preconditioned CG against plain CG, float64, hand GGN
+        fac = shared["EKFACSolver"][0].factors
+        spec = curvature(model, TensorDataset(pb["x"][:1], pb["y"][:1])).spec
+
+        def precond(r: Tensor) -> Tensor:
+            return solve_kfac(fac, spec, r, args.damping, "ekfac")
+
+        steps = {}
+        for tol in (1e-2, 1e-4):
+            _, it_p, _, _ = preconditioned_cg(hand.matvec, v.double(), precond, args.damping, 3000, tol)
+            it_c = conjugate_gradient(hand.matvec, v.double(), args.damping, 3000, tol)[1].iterations
+            steps[f"{tol:g}"] = {"pcg_ekfac (preconditioned residual)": it_p, "cg (residual)": it_c}
+        out_steps = steps
+        print(f"steps to a tolerance: {steps}", flush=True)
     print(f"reference (float64 CG on G): {ref_info}", flush=True)
     ref_scores = hand.influence(ref)
     out: dict[str, Any] = {"problem": {**pb["info"], "P": p, "N": len(pb["x"])}, "reference": ref_info}
+    if args.diagnose:
+        out["steps_to_tolerance"] = out_steps
     rows = []
     for name, res in raw.items():
         if "s_test" in res:
@@ -447,6 +478,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["relu", "tanh"], choices=["relu", "tanh"])
     parser.add_argument("--damping", type=float, default=DAMPING)
     parser.add_argument("--no-cache", action="store_true", help="recompute the float64 reference")
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="add EK-FAC with fisher='exact' and count PCG-EKFAC vs CG steps to tolerances 1e-2 / 1e-4",
+    )
     parser.add_argument(
         "--blockdiag",
         action="store_true",
