@@ -223,7 +223,11 @@ class _KroneckerSolver(Solver):
         )
         report = getattr(self, "_report", None)
         if callable(report):
-            report()
+            report(
+                f"Raise `refine` (now {self.refine}: steps of {type(self).__name__}-preconditioned CG on the full "
+                "Gauss-Newton system, each one pass over the training set)"
+                + (" or `tol`." if self.refine else "; 10 took Spearman 0.47 -> 0.94 on an MNIST MLP.")
+            )
         return x
 
     # ------------------------------------------------------------------ helpers
