@@ -119,6 +119,34 @@ def test_exact_solver_caches_its_factorisation_until_the_model_changes():
     assert solver.diagnostics.extra["cached_factorisation"] is False
 
 
+def test_a_cached_exact_solve_reads_no_training_data_and_reports_the_true_residual():
+    """FastIF's fast path: once factorised, a query costs matrix products only (its residual included)."""
+    curv, _ = _linreg_problem()
+    reads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return self.inner[i]
+
+    curv = TrainingCurvature(curv.loss, curv.theta, curv.spec, Counting(curv.dataset), batch_size=7)
+    solver = lf.ExactSolver(damping=0.1)
+    v = torch.randn(3, 5, dtype=torch.float64)
+    solver.solve(curv, v)  # builds and factorises: reads the data
+    reads.clear()
+    x = solver.solve(curv, 2 * v + 1)
+    assert reads == [] and solver.diagnostics.extra["cached_factorisation"] is True
+    h = curv.matrix() + 0.1 * torch.eye(5, dtype=torch.float64)
+    true_rel = float(((x @ h - (2 * v + 1)).norm(dim=-1) / (2 * v + 1).norm(dim=-1)).max())
+    assert solver.diagnostics.value == pytest.approx(true_rel, rel=1e-6, abs=1e-15)
+
+
 def test_exact_solver_refuses_too_many_parameters_and_suggests_cg_or_lissa():
     curv, _ = _linreg_problem()
     with pytest.raises(SolverMemoryError, match="CGSolver or LiSSASolver"):
