@@ -30,3 +30,13 @@ def digits_l2_1e2():
     from _problems import digits_logistic
 
     return digits_logistic(1e-2)
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb_runs():
+    """Lightning never calls ``wandb.finish()``: a run left open by one test would be reused by the next test's
+    WandbLogger, which would then write its files into the first test's folder."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
