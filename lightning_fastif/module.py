@@ -45,7 +45,7 @@ class InfluenceModule(pl.LightningModule):
         loss_fn: ``callable(outputs, batch) -> [B]`` per-example losses; default: the module's
             ``per_example_loss(batch)``, else cross-entropy on ``(x, y)`` / ``{"labels": ...}`` batches.
         params: glob patterns of parameter names to differentiate (default: all with ``requires_grad``).
-        solver: an ``AutoSolver`` (the default: Exact when the dense system fits in memory, else EK-FAC, else CG on
+        solver: ``"auto"`` / an ``AutoSolver`` (the default: Exact when the dense system fits in memory, else EK-FAC, else CG on
             Gauss-Newton, with ``damping="auto"``), ``ExactSolver``, ``CGSolver``, ``LiSSASolver``, ``EKFACSolver``...
         num_candidates: k of FastIF's kNN step; ``None`` scores the whole training set.
         top_k: helpful and harmful examples kept per query.
@@ -90,7 +90,7 @@ class InfluenceModule(pl.LightningModule):
         train_dataset: Dataset,
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         params: Sequence[str] | None = None,
-        solver: Solver | None = None,
+        solver: Solver | str | None = None,
         num_candidates: int | None = 1000,
         top_k: int = 10,
         index: Any = None,
@@ -115,7 +115,7 @@ class InfluenceModule(pl.LightningModule):
             )
         from lightning_fastif.solver_choice import AutoSolver
 
-        solver = AutoSolver() if solver is None else solver
+        solver = AutoSolver() if solver is None or (isinstance(solver, str) and solver == "auto") else solver
         if curvature not in (None, "hessian", "gauss_newton"):
             raise ConfigurationError(
                 f"Expected `curvature` to be 'hessian', 'gauss_newton' or None (the solver decides: Hessian for "
@@ -124,8 +124,9 @@ class InfluenceModule(pl.LightningModule):
         self.curvature_mode = curvature
         if not isinstance(solver, Solver):
             raise ConfigurationError(
-                f"Expected `solver` to be a Solver (AutoSolver, ExactSolver, CGSolver, LiSSASolver...), but got "
-                f"{type(solver).__name__}."
+                f"Expected `solver` to be 'auto' or a Solver (AutoSolver, ExactSolver, CGSolver, LiSSASolver...), "
+                f"but got {solver!r}." if isinstance(solver, str) else f"Expected `solver` to be 'auto' or a Solver "
+                f"(AutoSolver, ExactSolver, CGSolver, LiSSASolver...), but got {type(solver).__name__}."
             )
         check_positive_int("num_candidates", num_candidates, allow_none=True)
         check_positive_int("top_k", top_k)

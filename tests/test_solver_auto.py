@@ -259,3 +259,20 @@ def test_lissa_chain_spread_measures_the_minibatch_noise_that_the_last_step_miss
     one = lf.LiSSASolver(lam, scale="auto", depth="auto", batch_size=len(curv.dataset))
     one.solve(curv, v)
     assert one.diagnostics.extra["chain_spread"] == "not measured (repeats=1)"
+
+
+def test_solver_auto_string_is_the_auto_solver_and_other_strings_are_refused():
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    train = TensorDataset(x, y)
+    by_name = lf.InfluenceModule(model, train, solver="auto", num_candidates=None)
+    by_object = lf.InfluenceModule(model, train, solver=lf.AutoSolver(), num_candidates=None)
+    assert isinstance(by_name.solver, lf.AutoSolver)
+    torch.testing.assert_close(by_name.influence((x[:2], y[:2])), by_object.influence((x[:2], y[:2])))
+    from lightning_fastif.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="`solver`.*'exact'"):
+        lf.InfluenceModule(model, train, solver="exact", num_candidates=None)
