@@ -17,6 +17,7 @@ A rank that raises tears its process group down, so ranks waiting in a collectiv
 fails it stops the ranks it launched (``SIGUSR2``, which raises a ``DistributedError`` in them, then ``SIGKILL``
 after :data:`STOP_GRACE_S`), and a rank whose launcher died stops itself. A rendezvous that times out (a rank never
 started, a wrong ``MASTER_ADDR``/``MASTER_PORT``) is a ``DistributedError`` too, bounded by ``connect_timeout``.
+Those timeouts, error messages and stop handling are helpers in :mod:`lightning_fastif._dist`.
 
 Example:
     >>> trainer = pl.Trainer(strategy="ddp_influence", devices=2, accelerator="cpu", inference_mode=False)
@@ -26,13 +27,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import signal
-import subprocess
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -42,55 +39,26 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from lightning_fastif._dist import (
+    DEFAULT_TIMEOUT_S,
+    STOP_SIGNAL,
+    TopK,
+    _as_timeout,
+    _fingerprint,
+    collective_errors,
+    rendezvous_error,
+    start_launcher_watchdog,
+    stop_handler,
+    stop_processes,
+)
+from lightning_fastif._dist import (
+    STOP_GRACE_S as STOP_GRACE_S,  # re-exported: the docstrings name it
+)
 from lightning_fastif.errors import ConfigurationError, DistributedError
 
 __all__ = ["InfluenceStrategy"]
 
 SHARD_MODES = ("candidates", "queries")
-DEFAULT_TIMEOUT_S = 120.0
-STOP_GRACE_S = 10.0
-"""Seconds a rank stopped by rank 0's failure gets to raise its ``DistributedError`` and exit before ``SIGKILL``."""
-STOP_SIGNAL = signal.SIGUSR2
-
-TopK = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def _as_timeout(timeout: Any, name: str = "timeout") -> timedelta:
-    if isinstance(timeout, timedelta):
-        seconds = timeout.total_seconds()
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        seconds = float(timeout)
-    else:
-        seconds = float("nan")
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigurationError(
-            f"Expected `{name}` to be a positive number of seconds or a timedelta, but got {timeout!r}."
-        )
-    return timedelta(seconds=seconds)
-
-
-def _tensor_leaves(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for key in sorted(obj, key=str):
-            yield from _tensor_leaves(obj[key])
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensor_leaves(item)
-
-
-def _fingerprint(batch: Any, batch_idx: int) -> Tensor:
-    """``[4]`` float64 summary of a batch (index, element count, sum, position-weighted sum) to compare ranks."""
-    numel, total, weighted = 0, 0.0, 0.0
-    for t in _tensor_leaves(batch):
-        flat = torch.nan_to_num(t.detach().flatten().to(torch.float64), nan=0.0, posinf=1.0, neginf=-1.0)
-        numel += flat.numel()
-        total += float(flat.sum())
-        weighted += float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()) / max(
-            1, flat.numel()
-        )
-    return torch.tensor([float(batch_idx), float(numel), total, weighted], dtype=torch.float64)
 
 
 class InfluenceStrategy(DDPStrategy):
@@ -171,14 +139,7 @@ class InfluenceStrategy(DDPStrategy):
         try:
             super().setup_distributed()
         except RuntimeError as err:  # DistStoreError / DistNetworkError (both RuntimeErrors)
-            address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-            raise DistributedError(
-                f"InfluenceStrategy: the {self.world_size} processes did not all meet at the rendezvous "
-                f"({address}) within `connect_timeout` = {self.connect_timeout_s:g} s (rank {self.global_rank}, "
-                f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}). A rank "
-                "did not start or is still importing, or MASTER_ADDR/MASTER_PORT differ between ranks; raise it "
-                "with InfluenceStrategy(connect_timeout=...) if start-up is just slow."
-            ) from err
+            raise rendezvous_error(err, self.world_size, self.global_rank, self.connect_timeout_s) from err
         if self.world_size < 2:
             return
         if self._collective_timeout != self._timeout:
@@ -190,55 +151,17 @@ class InfluenceStrategy(DDPStrategy):
     def _arm_stop(self) -> None:
         """On a rank other than 0: ``STOP_SIGNAL`` raises a ``DistributedError`` (sent by rank 0 when it fails),
         and a watchdog stops this process when its launcher is gone (``SIGKILL``-ed rank 0, a dead ``torchrun``)."""
-        rank, timeout = self.global_rank, self.timeout_s
-
-        def stop(signum: int, frame: Any) -> None:
-            raise DistributedError(
-                f"InfluenceStrategy: rank {rank} was stopped because rank 0 failed or its launcher exited (a rank "
-                f"that does not reach a collective within `timeout` = {timeout:g} s fails them all; see rank 0's "
-                "error)."
-            )
-
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(STOP_SIGNAL, stop)
-        parent, done = os.getppid(), threading.Event()
-
-        def watch() -> None:
-            while not done.wait(1.0):
-                if os.getppid() != parent:  # re-parented: the launcher died
-                    os.kill(os.getpid(), STOP_SIGNAL)
-                    if not done.wait(STOP_GRACE_S):
-                        os._exit(1)
-                    return
-
-        threading.Thread(target=watch, name="lightning_fastif-launcher-watchdog", daemon=True).start()
-        self._watchdog = done
+            self._previous_handler = signal.signal(
+                STOP_SIGNAL, stop_handler(self.global_rank, self.timeout_s)
+            )
+        self._watchdog = start_launcher_watchdog()
 
     def _stop_launched_ranks(self) -> None:
         """Rank 0 of a ``popen`` launch: stop the ranks it started (``STOP_SIGNAL`` now, ``SIGKILL`` for those still
         running after :data:`STOP_GRACE_S`), so none outlives the failure. Rank 0's own error is not held up: the
         reaper is a non-daemon thread, so this process exits only once it is done."""
-        procs = [
-            p
-            for p in getattr(self.launcher, "procs", None) or []
-            if isinstance(p, subprocess.Popen) and p.poll() is None
-        ]
-        if not procs:
-            return
-        for proc in procs:
-            with contextlib.suppress(OSError):
-                proc.send_signal(STOP_SIGNAL)
-        deadline = time.monotonic() + STOP_GRACE_S
-
-        def reap() -> None:
-            for proc in procs:
-                with contextlib.suppress(Exception):
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                if proc.poll() is None:
-                    with contextlib.suppress(OSError):
-                        proc.kill()
-
-        threading.Thread(target=reap, name="lightning_fastif-stop-ranks", daemon=False).start()
+        stop_processes(getattr(self.launcher, "procs", None))
 
     def teardown(self) -> None:
         if self._watchdog is not None:
@@ -342,26 +265,9 @@ class InfluenceStrategy(DDPStrategy):
             self._stop_launched_ranks()
 
     # ------------------------------------------------------------------------------------------- collectives
-    @contextlib.contextmanager
-    def _collective(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except DistributedError:
-            raise
-        except RuntimeError as err:  # gloo / NCCL errors (DistBackendError, DistStoreError are RuntimeErrors)
-            if isinstance(err, getattr(dist, "DistStoreError", ())):
-                raise DistributedError(
-                    f"InfluenceStrategy: {what} failed on rank {self.global_rank} of {self.world_size}: the ranks' "
-                    f"shared store timed out or its host (MASTER_ADDR {os.environ.get('MASTER_ADDR', '?')}:"
-                    f"{os.environ.get('MASTER_PORT', '?')}, rank 0) is gone; another rank failed or exited "
-                    f"(see its traceback). Store error: {err}"
-                ) from err
-            raise DistributedError(
-                f"InfluenceStrategy: {what} failed on rank {self.global_rank} of {self.world_size}. Another rank "
-                "raised or exited (see its traceback), or did not reach this collective within `timeout` = "
-                f"{self.timeout_s:g} s (raise it with InfluenceStrategy(timeout=...) if ranks are just slow). "
-                f"Backend error: {err}"
-            ) from err
+    def _collective(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """A ``DistributedError`` that says what to change when the collective ``what`` fails."""
+        return collective_errors(what, self.global_rank, self.world_size, self.timeout_s)
 
     def _active(self) -> bool:
         return self.world_size > 1 and dist.is_available() and dist.is_initialized()
