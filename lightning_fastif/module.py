@@ -6,7 +6,6 @@ The wrapped model is used as is and never mutated: its weights are read, and sub
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,23 +14,25 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.dataloader import default_collate
 
 import lightning_fastif.strategy  # noqa: F401  (registers strategy="ddp_influence")
-from lightning_fastif._runtime import StageProgress, check_positive_int, eval_mode
+from lightning_fastif._module_candidates import resolve_candidate_index
+from lightning_fastif._module_checks import check_arguments, check_training_finite
+from lightning_fastif._module_head import head_fast_path, head_fast_scores, train_labels
+from lightning_fastif._module_predict import assemble_results, batch_query_ids, predictions
+from lightning_fastif._runtime import StageProgress, eval_mode
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import batch_size as _batch_size
-from lightning_fastif.functional.batch import fetch, labels_of, logits_of, move_to, slice_batch
+from lightning_fastif.functional.batch import fetch, labels_of, move_to, slice_batch
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads_and_losses
-from lightning_fastif.functional.head import head_scores
-from lightning_fastif.functional.losses import check_class_labels, check_finite, resolve_loss
+from lightning_fastif.functional.losses import check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
-from lightning_fastif.functional.scores import PAD_ID, merge_topk, score_batch, split_topk
+from lightning_fastif.functional.scores import merge_topk, score_batch, split_topk
 from lightning_fastif.functional.solvers import Solver
 from lightning_fastif.results import InfluenceResult
-from lightning_fastif.solver_choice import solver_record
 
 __all__ = ["InfluenceModule"]
 
@@ -106,47 +107,20 @@ class InfluenceModule(pl.LightningModule):
         curvature: str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise ConfigurationError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
-        if not (hasattr(train_dataset, "__getitem__") and hasattr(train_dataset, "__len__")):
-            raise ConfigurationError(
-                f"Expected `train_dataset` to be a map-style Dataset (with __len__ and __getitem__), but got "
-                f"{type(train_dataset).__name__}."
-            )
-        from lightning_fastif.solver_choice import AutoSolver
-
-        solver = AutoSolver() if solver is None or (isinstance(solver, str) and solver == "auto") else solver
-        if curvature not in (None, "hessian", "gauss_newton"):
-            raise ConfigurationError(
-                f"Expected `curvature` to be 'hessian', 'gauss_newton' or None (the solver decides: Hessian for "
-                f"ExactSolver/CGSolver/LiSSASolver, the auto solver's choice), but got {curvature!r}."
-            )
+        solver, self.sketch = check_arguments(
+            model,
+            train_dataset,
+            solver,
+            num_candidates,
+            top_k,
+            batch_size,
+            candidates,
+            score_method,
+            sketch,
+            curvature,
+        )
         self.curvature_mode = curvature
-        if not isinstance(solver, Solver):
-            raise ConfigurationError(
-                f"Expected `solver` to be 'auto' or a Solver (AutoSolver, ExactSolver, CGSolver, LiSSASolver...), "
-                f"but got {solver!r}." if isinstance(solver, str) else f"Expected `solver` to be 'auto' or a Solver "
-                f"(AutoSolver, ExactSolver, CGSolver, LiSSASolver...), but got {type(solver).__name__}."
-            )
-        check_positive_int("num_candidates", num_candidates, allow_none=True)
-        check_positive_int("top_k", top_k)
-        check_positive_int("batch_size", batch_size)
-        if candidates not in ("features", "gradients"):
-            raise ConfigurationError(f"Expected `candidates` to be 'features' or 'gradients', but got {candidates!r}.")
-        from lightning_fastif.retrieval.gradient_index import check_sketch_settings
-
         self.candidates = candidates
-        self.sketch = check_sketch_settings(sketch)
-        if score_method not in ("auto", "jvp", "grad", "head"):
-            raise ConfigurationError(
-                f"Expected `score_method` to be 'auto', 'jvp', 'grad' or 'head', but got {score_method!r}."
-            )
-        n = len(train_dataset)  # type: ignore[arg-type]
-        if num_candidates is not None and num_candidates > n:
-            raise ConfigurationError(
-                f"Expected `num_candidates` to be at most the training set size {n} (or None for a full scan), "
-                f"but got {num_candidates}."
-            )
         self.model = model
         self.train_dataset = train_dataset
         self.loss = resolve_loss(model, loss_fn, forward_fn)
@@ -272,7 +246,9 @@ class InfluenceModule(pl.LightningModule):
             self._check_training_finite(theta, spec)
             raise
         except ConfigurationError as err:
-            if "`labels`" not in str(err):  # the query's labels were checked already: a training example's are bad
+            if "`labels`" not in str(
+                err
+            ):  # the query's labels were checked already: a training example's are bad
                 raise
             self._check_training_finite(theta, spec)
             raise
@@ -282,26 +258,7 @@ class InfluenceModule(pl.LightningModule):
     def _check_training_finite(self, theta: Tensor, spec: ParamSpec) -> None:
         """Raise an error naming the training ids whose loss is NaN or inf (:class:`NonFiniteError`) or whose labels
         do not fit the loss (:class:`ConfigurationError`): one forward pass, on the error path only."""
-        params = spec.unflatten(theta)
-        n = len(self.train_dataset)  # type: ignore[arg-type]
-        with eval_mode(self.model), torch.no_grad():
-            for at in range(0, n, self.score_batch_size):
-                ids = list(range(at, min(n, at + self.score_batch_size)))
-                batch = self._prepare(fetch(self.train_dataset, ids, self._user_collate))
-                try:
-                    losses = self.loss(params, batch)
-                except ConfigurationError as err:  # find the examples one by one
-                    bad = []
-                    for j, i in enumerate(ids):
-                        try:
-                            self.loss(params, slice_batch(batch, slice(j, j + 1)))
-                        except ConfigurationError:
-                            bad.append(i)
-                    raise ConfigurationError(
-                        f"Expected the training examples' `labels` to fit the loss ({self.loss.description}), but "
-                        f"training example id(s) {bad[:20]} do not: {err}"
-                    ) from err
-                check_finite(losses, "training loss", ids)
+        check_training_finite(self, theta, spec)
 
     def candidate_loader(self, train_indices: Sequence[int] | Tensor) -> DataLoader:
         """The training examples ``train_indices`` in order, in batches (a ``Subset`` + ``DataLoader``)."""
@@ -342,53 +299,15 @@ class InfluenceModule(pl.LightningModule):
         """``(weight name, bias name)`` when scores can come from cached features and logits (DESIGN section 2):
         the selected parameters are exactly the indexed ``Linear`` head, the loss is the default cross-entropy,
         the model computes in float32 like the cache, and ``score_method`` is ``"auto"`` or ``"head"``."""
-        if (
-            self.score_method not in ("auto", "head")
-            or self._cache is None
-            or not self.loss.plain_cross_entropy  # label smoothing, class weights... change g: no closed form
-        ):
-            return None
-        layer = self._feature_layer_name
-        module = dict(self.model.named_modules()).get(layer or "")
-        if not isinstance(module, nn.Linear) or self._param_dtype() != torch.float32:
-            return None
-        feats, logits = self._cache.get("features"), self._cache.get("logits")
-        if (
-            feats is None
-            or logits is None
-            or feats.dim() != 2
-            or logits.dim() != 2
-            or feats.shape[1] != module.in_features
-            or logits.shape[1] != module.out_features
-        ):  # the cached logits are not this head's outputs (a model returning several tensors): no closed form
-            return None
-        w, b = f"{layer}.weight", f"{layer}.bias" if module.bias is not None else None
-        return (w, b) if set(spec.names) == {w, b} - {None} else None
+        return head_fast_path(self, spec)
 
     def _labels(self, ids: Tensor) -> Tensor:
-        if self._train_labels is None and isinstance(self.train_dataset, TensorDataset):
-            self._train_labels = labels_of(self.train_dataset.tensors)
-        if self._train_labels is not None:
-            return self._train_labels[ids]
-        labels = labels_of(fetch(self.train_dataset, ids.tolist(), self._user_collate))
-        if labels is None:
-            raise ConfigurationError("Expected the training examples to carry labels for the head fast path.")
-        return labels
+        return train_labels(self, ids)
 
     def _head_scores(
         self, head: tuple[str, str | None], spec: ParamSpec, s_test: Tensor, ids: Tensor
     ) -> Tensor:
-        cache = self._cache or {}
-        parts = spec.unflatten(s_test)
-        s_w = parts[head[0]]
-        s_b = parts[head[1]] if head[1] is not None else None
-        out = []
-        for chunk in ids.split(max(self.score_batch_size, 4096)):
-            feats = cache["features"][chunk].to(s_test.device)
-            logits = cache["logits"][chunk].to(s_test.device)
-            labels = check_class_labels(self._labels(chunk).to(s_test.device), logits, None, chunk)
-            out.append(head_scores(feats, logits, labels, s_w, s_b))
-        return torch.cat(out).T if out else s_test.new_zeros(s_test.shape[0], 0)
+        return head_fast_scores(self, head, spec, s_test, ids)
 
     def influence(self, batch: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """``I(z_i, z_test) = -grad L(z_i) . s_test(z_test)`` for the given training ids (all N if None): ``[B, n]``.
@@ -402,68 +321,7 @@ class InfluenceModule(pl.LightningModule):
         """The kNN index (loaded from ``index``, or built in memory from the training set when none was given)."""
         if self._candidates is not None:
             return self._candidates
-        if self.candidates == "gradients":  # gradient sketches (retrieval.gradient_index); a head gives its cache
-            from lightning_fastif.retrieval.gradient_index import module_gradient_index
-
-            self._candidates = gi = module_gradient_index(self)
-            if gi.features is not None and gi.logits is not None:
-                self._cache = {"features": gi.features, "logits": gi.logits}
-                self._feature_layer_name = gi.meta.get("feature_layer")
-            return gi
-        from lightning_fastif.functional.params import fingerprint
-        from lightning_fastif.retrieval.index import CandidateIndex
-
-        n = len(self.train_dataset)  # type: ignore[arg-type]
-        if isinstance(self.index, (str, os.PathLike)):
-            from lightning_fastif.functional.params import dataset_fingerprint
-            from lightning_fastif.retrieval.store import load_index
-
-            expected = {
-                "dataset_length": n,
-                "model_fingerprint": fingerprint(self.model),
-                "space": "features",
-                "dataset_fingerprint": dataset_fingerprint(self.train_dataset),
-            }
-            if self.feature_layer is not None:
-                expected["feature_layer"] = self.feature_layer
-            index, meta = load_index(self.index, expected=expected)
-            self._feature_layer_name = meta.feature_layer
-            if {"features", "logits"} <= set(meta.arrays):
-                from lightning_fastif.retrieval.store import load_arrays
-
-                arrays = load_arrays(self.index, ["features", "logits"])
-                self._cache = {k: torch.as_tensor(v) for k, v in arrays.items()}
-        elif isinstance(self.index, CandidateIndex):
-            index = self.index
-            if index.ntotal != n:
-                raise ConfigurationError(
-                    f"Expected `index` to hold every training example ({n}), but it holds {index.ntotal}: "
-                    "the training set changed since indexing; rebuild the index."
-                )
-            self._feature_layer_name = self.feature_layer
-        elif self.index is None:
-            from lightning_fastif.retrieval.build import build_index
-
-            rank_zero_info(
-                f"lightning_fastif: no `index` given, building an exact index of {n} training examples"
-            )
-            built = build_index(
-                self.model,
-                self.train_dataset,
-                self.feature_layer,
-                collate_fn=self.collate_fn,
-                batch_size=self.score_batch_size,
-                forward_fn=self.forward_fn,
-            )
-            index, self._feature_layer_name = built.index, built.meta["feature_layer"]
-            if built.logits is not None:
-                self._cache = {"features": built.features, "logits": built.logits}
-        else:
-            raise ConfigurationError(
-                f"Expected `index` to be a CandidateIndex, an index folder path or None, but got {type(self.index).__name__}."
-            )
-        self._candidates = index
-        return index
+        return resolve_candidate_index(self)
 
     def query_features(self, batch: Any) -> Tensor:
         """Penultimate features ``[B, d]`` of a query batch (the input of the indexed feature layer)."""
@@ -541,24 +399,7 @@ class InfluenceModule(pl.LightningModule):
         Lightning wraps every predict loader's batch sampler to record the indices it yields (also on each rank
         when queries are split); fall back to counting positions for loaders it could not wrap.
         """
-        trainer = self._trainer
-        indices = list(getattr(trainer.predict_loop, "current_batch_indices", []) or []) if trainer else []
-        loader = None
-        if trainer is not None:
-            loaders = trainer.predict_dataloaders
-            loader = loaders[dataloader_idx] if isinstance(loaders, Sequence) else loaders
-        if len(indices) != n:  # no prediction writer attached: read the wrapped batch sampler's record
-            seen = getattr(getattr(loader, "batch_sampler", None), "seen_batch_indices", None)
-            if isinstance(seen, list) and batch_idx < len(seen) and len(seen[batch_idx]) == n:
-                indices = [int(i) for i in seen[batch_idx]]
-        if len(indices) != n:  # not a DataLoader: count positions (predict loaders are unshuffled)
-            start = self._query_offsets.get(dataloader_idx, 0)
-            indices = list(range(start, start + n))
-        self._query_offsets[dataloader_idx] = max(self._query_offsets.get(dataloader_idx, 0), indices[-1] + 1)
-        dataset = getattr(loader, "dataset", None)
-        if isinstance(dataset, Subset):  # report ids of the underlying dataset (e.g. the test set)
-            indices = [int(dataset.indices[i]) for i in indices]
-        return indices
+        return batch_query_ids(self, batch_idx, dataloader_idx, n)
 
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> list[InfluenceResult]:
         """Rank the most helpful and harmful training examples of every query of ``batch``.
@@ -574,7 +415,9 @@ class InfluenceModule(pl.LightningModule):
         query_ids = (
             self._query_ids(batch_idx, dataloader_idx, n) if self._trainer is not None else list(range(n))
         )
-        if self.skip_query_ids:  # already explained (InfluenceWriter resuming a killed run): not computed again
+        if (
+            self.skip_query_ids
+        ):  # already explained (InfluenceWriter resuming a killed run): not computed again
             keep = [i for i, q in enumerate(query_ids) if q not in self.skip_query_ids]
             if not keep:
                 return []
@@ -604,7 +447,7 @@ class InfluenceModule(pl.LightningModule):
             losses = self.loss(spec.unflatten(theta), batch).detach()
             outputs = self.loss.outputs(batch) if self.loss.source != "per_example_loss" else None
         labels = labels_of(batch)
-        preds = _predictions(outputs, self.loss, n, labels)
+        preds = predictions(outputs, self.loss, n, labels)
         s = self.s_test(batch)
         distances: Tensor | None = None
         candidates: Tensor | None = None
@@ -612,73 +455,4 @@ class InfluenceModule(pl.LightningModule):
             distances, candidates = self.search(batch, s)
             distances = None if self.candidates == "gradients" else distances  # feature distances only
         ranked = self.rank_candidates(s, candidates)
-        results = []
-        for q in range(n):
-            h_ids, h_sc, x_ids, x_sc = ranked[q]
-            h_ids, h_sc = h_ids[h_ids != PAD_ID], h_sc[h_ids != PAD_ID]  # slots no candidate of that sign filled
-            x_ids, x_sc = x_ids[x_ids != PAD_ID], x_sc[x_ids != PAD_ID]
-            dist = {}
-            if candidates is not None and distances is not None:
-                dist = dict(zip(candidates[q].tolist(), distances[q].tolist()))
-            results.append(
-                InfluenceResult(
-                    query_id=int(query_ids[q]),
-                    label=None if labels is None else _plain_value(labels[q]),
-                    prediction=None if preds is None else preds[q],
-                    helpful_ids=h_ids.tolist(),
-                    helpful_scores=h_sc.tolist(),
-                    harmful_ids=x_ids.tolist(),
-                    harmful_scores=x_sc.tolist(),
-                    loss=self.loss.description,
-                    flags=_flags(float(losses[q]), h_ids, x_ids),
-                    num_candidates=len(self.train_dataset)
-                    if candidates is None
-                    else int(candidates.shape[1]),  # type: ignore[arg-type]
-                    query_loss=float(losses[q]),
-                    helpful_distances=[dist[i] for i in h_ids.tolist()] if dist else [],
-                    harmful_distances=[dist[i] for i in x_ids.tolist()] if dist else [],
-                    extra={**solver_record(self.solver), "candidates": self.candidates},
-                )
-            )
-        return results
-
-
-# -------------------------------------------------------------------------------------------- result fields
-def _plain_value(value: Tensor) -> int | float | list[Any]:
-    """A label or target as it is: an int class id, a float target, a (nested) list for a vector target."""
-    if value.dim() == 0:
-        return value.item()
-    return value.tolist()
-
-
-def _predictions(outputs: Any, loss: Any, n: int, labels: Tensor | None = None) -> list[Any] | None:
-    """Per query: the predicted class (argmax of ``[B, C]`` logits) for a classification loss; the model's output
-    (a float, or a list for a vector output) for a regression (a regression loss on the model, or float targets);
-    None when the output cannot be read."""
-    if outputs is None:
-        return None
-    out = logits_of(outputs)
-    if out is None or out.dim() == 0 or out.shape[0] != n or not out.is_floating_point():
-        return None
-    classes = loss.source == "classification" or (loss.module_loss is not None and loss.module_loss.classes)
-    regression = (loss.module_loss is not None and not loss.module_loss.classes) or (
-        labels is not None and labels.is_floating_point() and not classes
-    )
-    if regression:  # the output is the prediction
-        return [_plain_value(out[i].squeeze(-1) if out.dim() == 2 and out.shape[1] == 1 else out[i]) for i in range(n)]
-    if out.dim() == 2 and (classes or loss.source == "loss_fn"):  # logits [B, C]
-        return [int(i) for i in out.argmax(-1).tolist()]
-    return None
-
-
-def _flags(query_loss: float, helpful_ids: Tensor, harmful_ids: Tensor) -> list[str]:
-    """Warnings about one query's result (``InfluenceResult.flags``)."""
-    flags = []
-    if query_loss == 0.0:
-        flags.append(
-            "saturated_query: loss 0, gradient 0, every score is 0 (the model is certain of this query's label: "
-            "no training example can change its loss to first order)"
-        )
-    elif helpful_ids.numel() == 0 and harmful_ids.numel() == 0:
-        flags.append("no_influence: every candidate's score is 0 (the query's gradient is 0)")
-    return flags
+        return assemble_results(self, ranked, query_ids, labels, preds, losses, candidates, distances)
