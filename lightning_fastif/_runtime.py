@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,10 @@ from torch import nn
 
 from lightning_fastif.errors import ConfigurationError
 
-__all__ = ["StageProgress", "check_positive_int", "eval_mode"]
+__all__ = ["NON_TTY_INTERVAL_S", "StageProgress", "check_positive_int", "eval_mode"]
+
+NON_TTY_INTERVAL_S = 60.0
+"""Seconds between progress lines when stderr is not a terminal (a log file, CI)."""
 
 
 @contextlib.contextmanager
@@ -40,8 +44,14 @@ class StageProgress:
         if bar is None or bar.total != total or done < bar.n:
             if bar is not None:
                 bar.close()
+            # to a log file (not a terminal) a bar cannot redraw in place: one line a minute, not one per step
+            interactive = bool(getattr(sys.stderr, "isatty", lambda: False)())
             bar = self.bars[stage] = tqdm(
-                total=total, desc=f"lightning_fastif {stage}", delay=2.0, leave=False
+                total=total,
+                desc=f"lightning_fastif {stage}",
+                delay=2.0,
+                leave=False,
+                mininterval=0.1 if interactive else NON_TTY_INTERVAL_S,
             )
         bar.update(done - bar.n)
         if done >= total:
