@@ -420,6 +420,7 @@ def main(args: list[str] | None = None) -> None:
     gate = lightning_info_gate()  # Lightning's start-up lines wait until the command is under way
     argv = list(sys.argv[1:] if args is None else args)
     debug = debug_requested(argv)
+    debug_before = os.environ.get("LIGHTNING_FASTIF_DEBUG")
     if debug:
         os.environ["LIGHTNING_FASTIF_DEBUG"] = "1"  # DDP ranks re-run the command without the flag
     try:
@@ -449,6 +450,11 @@ def main(args: list[str] | None = None) -> None:
         code, text = describe(err, argv, FastIFCLI.parsers)
         print(text, file=sys.stderr)
         sys.exit(code)
+    finally:  # called in-process (tests, notebooks): `--debug` must not outlive its own command
+        if debug_before is None:
+            os.environ.pop("LIGHTNING_FASTIF_DEBUG", None)
+        else:
+            os.environ["LIGHTNING_FASTIF_DEBUG"] = debug_before
 
 
 if __name__ == "__main__":

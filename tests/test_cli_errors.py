@@ -4,6 +4,7 @@ first in --help, and --threads. None of these needs a trained model: each fails 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,9 @@ def test_a_typo_says_did_you_mean_in_one_line_with_exit_code_2(tmp_path, capsys)
 def test_debug_flag_and_env_give_the_traceback(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="unrecognized arguments"):
         main(["--debug", *_influence(tmp_path, "--top_kk=3")])
+    assert (
+        "LIGHTNING_FASTIF_DEBUG" not in os.environ
+    )  # --debug ends with its command (main called in-process)
     monkeypatch.setenv("LIGHTNING_FASTIF_DEBUG", "1")
     with pytest.raises(Exception, match="unrecognized arguments"):
         main(_influence(tmp_path, "--top_kk=3"))
