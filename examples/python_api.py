@@ -52,8 +52,12 @@ def main() -> None:
             f"{solver}: |s_test| = {[round(v, 2) for v in s.norm(dim=1).tolist()]}, most helpful of query 0: "
             f"{scores[0].argsort()[:5].tolist()}"
         )
-        d = solver.diagnostics  # converged + the measure (relative residual; LiSSA: (1 - damping/scale)^depth)
-        print(f"    converged={d.converged} {d.measure}={d.value:.3g} (tolerance {d.tolerance:g}), {d.seconds:.2f}s")
+        d = (
+            solver.diagnostics
+        )  # converged + the measure (relative residual; LiSSA: (1 - damping/scale)^depth)
+        print(
+            f"    converged={d.converged} {d.measure}={d.value:.3g} (tolerance {d.tolerance:g}), {d.seconds:.2f}s"
+        )
 
     im = lf.InfluenceModule(model, train, solver=lf.ExactSolver(damping=1e-3), num_candidates=300, top_k=5)
     for r in im.explain(queries):  # kNN candidates from an index built in memory

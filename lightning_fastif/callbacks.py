@@ -147,7 +147,14 @@ class FeatureIndexCallback(pl.Callback):
             if hasattr(strategy, "gather_features") and n >= world:
                 ids = list(range(rank, n, world))
                 name, feats, logits = extract_shard(
-                    model, train_dataset, ids, self.feature_layer, self.batch_size, collate_fn, show, self.forward_fn
+                    model,
+                    train_dataset,
+                    ids,
+                    self.feature_layer,
+                    self.batch_size,
+                    collate_fn,
+                    show,
+                    self.forward_fn,
                 )
                 gathered = strategy.gather_features(feats, logits, n)
                 features = (name, *gathered) if rank == 0 else None
@@ -265,7 +272,9 @@ class InfluenceWriter(BasePredictionWriter):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from lightning_fastif.reporting._paths import check_output_dir, check_output_file
 
-        if stage == "predict" and trainer.is_global_zero:  # before any work: a bad path fails now, not at the end
+        if (
+            stage == "predict" and trainer.is_global_zero
+        ):  # before any work: a bad path fails now, not at the end
             check_output_dir(self.output_dir, "output_dir", create=True)
             check_output_file(self.path, "filename", create=True)
 
@@ -340,7 +349,9 @@ class InfluenceWriter(BasePredictionWriter):
             for w in caught:
                 rank_zero_info(f"lightning_fastif: {w.message}")
             if leftovers or (self.path.exists() and len(kept) != _count_lines(self.path)):
-                _rewrite_jsonl(self.path, [kept[q] for q in sorted(kept)])  # one clean file, one record per id
+                _rewrite_jsonl(
+                    self.path, [kept[q] for q in sorted(kept)]
+                )  # one clean file, one record per id
                 for path in leftovers:
                     path.unlink(missing_ok=True)
         _atomic_write(self.run_path, json.dumps(signature, indent=1))
@@ -378,7 +389,9 @@ class InfluenceWriter(BasePredictionWriter):
             result.query_split = self.query_split
         for side in ("helpful", "harmful"):
             if getattr(result, f"{side}_labels", ()) is None:
-                setattr(result, f"{side}_labels", self._labels_of(pl_module, list(getattr(result, f"{side}_ids"))))
+                setattr(
+                    result, f"{side}_labels", self._labels_of(pl_module, list(getattr(result, f"{side}_ids")))
+                )
         return result
 
     def _labels_of(self, pl_module: Any, ids: list[int]) -> list[Any] | None:

@@ -72,7 +72,9 @@ def test_digits_fit_influence_evaluate_with_wandb_offline(digits_run, caplog):
     with caplog.at_level(logging.INFO):
         _run(*_influence_args(root))
     # the W&B run folder is printed, with the command that uploads it (`make demo` shows it)
-    assert re.search(r"run folder \S*/wandb/offline-run-\S+ \(offline: upload it with `wandb sync ", caplog.text)
+    assert re.search(
+        r"run folder \S*/wandb/offline-run-\S+ \(offline: upload it with `wandb sync ", caplog.text
+    )
     lines = (root / "influence" / "influence.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(len(json.loads(line)["helpful_ids"]) == 8 for line in lines)
     html = (root / "influence" / "report.html").read_text()
@@ -101,7 +103,9 @@ def test_digits_fit_influence_evaluate_with_wandb_offline(digits_run, caplog):
     )
     ev = json.loads((root / "evaluate" / "evaluation.json").read_text())
     assert [r["k"] for r in ev["knn_recall"]["rows"]] == [10, 100]
-    assert ev["solver_agreement"]["spearman"] >= 0.99  # the default (auto: Exact on the head) vs a tight reference
+    assert (
+        ev["solver_agreement"]["spearman"] >= 0.99
+    )  # the default (auto: Exact on the head) vs a tight reference
     assert len(ev["leave_one_out"]["actual"]) == 3
 
 

@@ -388,8 +388,9 @@ def test_other_loss_modules_on_the_model_keep_their_settings(kind):
 
 def test_a_selected_scalar_parameter_agrees_with_the_float64_reference():
     """A 0-dim parameter (a learned temperature) is selected, flattened and unflattened like any other."""
-    import lightning_fastif as lf
     from torch import nn
+
+    import lightning_fastif as lf
 
     class Tempered(nn.Module):
         def __init__(self) -> None:

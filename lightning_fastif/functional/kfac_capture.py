@@ -29,7 +29,8 @@ def _activations(slot: LayerSlot, mod: nn.Module, x: Tensor) -> Tensor:
     """Layer input -> ``[B, T, in_dim]`` (positions ``T`` folded per example)."""
     if slot.kind == "linear":
         return x.reshape(x.shape[0], -1, x.shape[-1])
-    assert isinstance(mod, nn.Conv2d)
+    if not isinstance(mod, nn.Conv2d):  # kfac_layers admits only Linear and Conv2d slots
+        raise TypeError(f"internal: a K-FAC conv slot on a {type(mod).__name__}")
     cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=_conv_padding(mod), stride=mod.stride)
     return cols.transpose(1, 2)  # [B, L, C_in * kh * kw]
 

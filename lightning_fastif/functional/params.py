@@ -113,7 +113,9 @@ def fingerprint(model: nn.Module, include_buffers: bool = True) -> str:
         h.update(str(t.dtype).encode())
         # reshape(-1) first: a 0-dim tensor (BatchNorm's num_batches_tracked, a scalar temperature) cannot be viewed
         # as bytes directly
-        h.update(t.to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(
+            t.to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        )
     return h.hexdigest()
 
 

@@ -197,7 +197,10 @@ def _query_html(
         ("prediction", _e(format_label(result.prediction, class_names)) + _verdict(label, result.prediction)),
         ("loss", _e(_num(result.query_loss, signed=False))),
         ("candidates scored", _e(_num(result.num_candidates, signed=False))),
-        ("candidate space", _e(str(result.extra.get("candidates", "features")))),  # features or gradients (issue 11)
+        (
+            "candidate space",
+            _e(str(result.extra.get("candidates", "features"))),
+        ),  # features or gradients (issue 11)
     ]
     heading = f"Query {result.query_id}"
     if result.group:  # a group query: one s_test for the mean loss of its members

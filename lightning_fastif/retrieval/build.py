@@ -60,7 +60,9 @@ def extract_shard(
         feature_layer if isinstance(feature_layer, str) else find_feature_layer(model, None, feature_layer)[0]
     )
     try:
-        feats, logits = extract_features_and_outputs(model, loader, name, progress=progress, forward_fn=forward_fn)
+        feats, logits = extract_features_and_outputs(
+            model, loader, name, progress=progress, forward_fn=forward_fn
+        )
     except ConfigurationError as err:  # a model whose output has no logits: features alone still index
         if "logits" not in str(err):
             raise

@@ -74,7 +74,9 @@ def _layer_by_name(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     )
 
 
-def _last_linear_called(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None) -> tuple[str, nn.Module]:
+def _last_linear_called(
+    model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None
+) -> tuple[str, nn.Module]:
     """Run one forward pass and return the ``nn.Linear`` called last (registration order is not call order)."""
     calls: list[str] = []
     handles = []
@@ -298,7 +300,9 @@ def extract_features(
         >>> extract_features(net, loader).shape
         torch.Size([10, 8])
     """
-    return _extract(model, dataloader, feature_layer, device, progress, with_outputs=False, forward_fn=forward_fn)[0]
+    return _extract(
+        model, dataloader, feature_layer, device, progress, with_outputs=False, forward_fn=forward_fn
+    )[0]
 
 
 def extract_features_and_outputs(

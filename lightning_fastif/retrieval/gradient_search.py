@@ -119,7 +119,10 @@ class GradientIndex:
 
         Returns ``(values [2Q, m], ids [2Q, m])`` like ``index.search([q; -q], m)``.
         """
-        assert self.sketcher is not None and self.features is not None and self.head_grads is not None
+        if self.sketcher is None or self.features is None or self.head_grads is None:
+            raise RuntimeError(
+                "internal: the factored head search needs the sketcher, features and head gradients"
+            )
         layer = self.sketcher.layer
         parts = self.sketcher.spec.unflatten(s_test.detach().float().cpu())
         s_w = parts[f"{layer}.weight"]  # [Q, C, d]

@@ -186,7 +186,8 @@ class GradientSketcher:
         params = select_params(self.model, self.patterns)
         with _eval_with_grad(self.model), torch.no_grad():
             grads = per_example_grads(self.loss, self.spec.flatten(params), self.spec, batch)
-        assert self.projection is not None
+        if self.projection is None:  # set in __init__ for the dense method
+            raise RuntimeError("internal: dense sketching without a projection")
         return self.projection(grads.detach()).float().cpu(), None, None
 
     def _head_batch(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -289,6 +290,7 @@ class GradientSketcher:
         elif self.method == "kronecker":
             q = torch.cat([p.query(parts[f"{n}.weight"], parts.get(f"{n}.bias")) for n, p in self.layers], 1)
         else:
-            assert self.projection is not None
+            if self.projection is None:  # set in __init__ for the dense method
+                raise RuntimeError("internal: dense sketching without a projection")
             q = self.projection(s_test.detach())
         return q.float().cpu()

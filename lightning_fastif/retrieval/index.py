@@ -284,7 +284,10 @@ class TorchIndex(CandidateIndex):
         return torch.cat(out_d), torch.cat(out_i)
 
     def config(self) -> dict[str, Any]:
-        config = {"compute_dtype": str(self.compute_dtype).removeprefix("torch."), "max_block": self.max_block}
+        config = {
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "max_block": self.max_block,
+        }
         return {**config, "metric": self.metric} if self.metric != "l2" else config
 
     def to_bytes(self) -> bytes:

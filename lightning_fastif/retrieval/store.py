@@ -77,7 +77,9 @@ class IndexMeta:
     feature_layer: str | None = None
     dataset_length: int | None = None
     model_fingerprint: str | None = None
-    dataset_fingerprint: dict[str, Any] | None = None  # functional.params.dataset_fingerprint: labels, input sample
+    dataset_fingerprint: dict[str, Any] | None = (
+        None  # functional.params.dataset_fingerprint: labels, input sample
+    )
     dim: int | None = None
     ntotal: int | None = None
     factory: str = "Flat"
