@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import Dataset
 
-from lightning_fastif.callbacks import FeatureIndexCallback, _unwrap
+from lightning_fastif.callbacks import FeatureIndexCallback
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import fetch
 from lightning_fastif.functional.losses import resolve_loss
@@ -126,15 +126,9 @@ class GradientIndexCallback(FeatureIndexCallback):
         the rows ``rank::world`` and rank 0 gathers them (equal to one process); with another DDP strategy rank 0
         sketches them all. Every rank returns once the folder is written.
         """
-        model = _unwrap(model)
-        collate_fn = collate_fn or self.collate_fn
-        if train_dataset is None:
-            train_dataset, loader_collate = self._fit_dataset(trainer)
-            collate_fn = collate_fn or loader_collate
-        strategy = getattr(trainer, "strategy", None)
-        world = getattr(strategy, "world_size", 1) if strategy is not None else 1
-        rank = getattr(strategy, "global_rank", 0) if strategy is not None else 0
-        show = self.progress and rank == 0 and (trainer is None or trainer.progress_bar_callback is not None)
+        model, train_dataset, collate_fn, strategy, world, rank, show = self._build_context(
+            model, train_dataset, trainer, collate_fn
+        )
         n = len(train_dataset)  # type: ignore[arg-type]
         sketcher = self.sketcher(model, train_dataset, collate_fn)
         sketches = None
