@@ -45,7 +45,7 @@ class GradientIndexCallback(FeatureIndexCallback):
         sketch_dim: dimension of the random projections (about this many numbers per example).
         seed, kind: the projections' seed and ``"gaussian"`` / ``"rademacher"`` entries.
         float16: store the sketches as float16 (FAISS ``SQfp16``).
-        index_factory, backend, batch_size, nprobe, ef_search, progress, collate_fn, feature_layer: as
+        index_factory, backend, batch_size, nprobe, ef_search, progress, collate_fn, feature_layer, forward_fn: as
             :class:`~lightning_fastif.callbacks.FeatureIndexCallback`.
 
     Example:
@@ -72,6 +72,7 @@ class GradientIndexCallback(FeatureIndexCallback):
         progress: bool = True,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         feature_layer: str | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
         super().__init__(
             dirpath,
@@ -84,6 +85,7 @@ class GradientIndexCallback(FeatureIndexCallback):
             ef_search=ef_search,
             progress=progress,
             collate_fn=collate_fn,
+            forward_fn=forward_fn,
         )
         if sketch not in METHODS:
             raise ConfigurationError(f"Expected `sketch` to be one of {METHODS}, but got {sketch!r}.")
@@ -103,7 +105,7 @@ class GradientIndexCallback(FeatureIndexCallback):
         first = fetch(dataset, list(range(min(2, len(dataset)))), collate_fn)  # type: ignore[arg-type]
         return GradientSketcher(
             model,
-            resolve_loss(model, self.loss_fn),
+            resolve_loss(model, self.loss_fn, self.forward_fn),
             self.params,
             self.sketch,
             self.sketch_dim,

@@ -552,3 +552,38 @@ def test_kronecker_sketch_of_hf_bert_layers_sums_over_tokens_and_matches_per_exa
         ref.append(torch.cat([t.flatten() for t in g]))
     s = torch.randn(3, spec.numel)
     torch.testing.assert_close(x @ sk.query(s).T, torch.stack(ref) @ s.T, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_index_calls_the_model_through_forward_fn(tmp_path):
+    """A forward that needs more than ``batch[0]`` is called through ``forward_fn`` by the gradient callback and the
+    exact head sketches, and the gradient candidates then rank like the full scan."""
+    import lightning_fastif as lf
+
+    class NeedsTemperature(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+            return self.head(self.body(x)) / temperature
+
+    def fwd(model, batch):
+        return model(batch[0], 2.0)
+
+    torch.manual_seed(0)
+    model = NeedsTemperature()
+    x, y = torch.randn(80, 6), torch.randint(0, 3, (80,))
+    train = TensorDataset(x, y)
+    folder = lf.GradientIndexCallback(
+        tmp_path / "grad", params=["head.*"], forward_fn=fwd, progress=False
+    ).build(model, train)
+    kwargs = dict(
+        params=["head.*"], solver=lf.ExactSolver(damping=0.1), top_k=3, forward_fn=fwd, progress=False
+    )
+    knn = lf.InfluenceModule(model, train, num_candidates=40, candidates="gradients", index=folder, **kwargs)
+    full = lf.InfluenceModule(model, train, num_candidates=None, **kwargs)
+    query = (torch.randn(2, 6), torch.randint(0, 3, (2,)))
+    for got, want in zip(knn.explain(query), full.explain(query)):
+        assert got.helpful_ids == want.helpful_ids and got.harmful_ids == want.harmful_ids
+        assert got.extra["candidates"] == "gradients"

@@ -142,6 +142,11 @@ class GradientSketcher:
                 out.append((layer, int(f"{layer}.bias" in names)))
         return out
 
+    @property
+    def _forward_fn(self) -> Any:
+        """How the model is called on a batch: the loss's ``forward_fn`` (None: the default convention)."""
+        return getattr(self.loss, "forward_fn", None)
+
     def _head_layer(self, modules: dict[str, nn.Module], feature_layer: str | None, batch: Any) -> str | None:
         if getattr(self.loss, "source", None) != "classification" or self.dtype != torch.float32:
             return None
@@ -151,7 +156,7 @@ class GradientSketcher:
             return None
         try:
             name, module = find_feature_layer(
-                self.model, move_to(batch, self.device, self.dtype), feature_layer
+                self.model, move_to(batch, self.device, self.dtype), feature_layer, self._forward_fn
             )
         except ConfigurationError:
             return None
@@ -196,7 +201,7 @@ class GradientSketcher:
         handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))
         try:
             with _eval_with_grad(self.model), torch.no_grad():
-                logits = logits_of(call_model(self.model, batch))
+                logits = logits_of(call_model(self.model, batch, self._forward_fn))
         finally:
             handle.remove()
         labels = labels_of(batch)
