@@ -34,10 +34,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lightning_fastif as lf
-from lightning_fastif.applications.confusion import induce_confusion
-from lightning_fastif.applications.correct import CorrectionSettings, SliceSpec, correct, select_slice
+from lightning_fastif.applications.correct.loop import CorrectionSettings, correct
+from lightning_fastif.applications.correct.report import write_correction_report
+from lightning_fastif.applications.correct.slice import SliceSpec, select_slice
 from lightning_fastif.applications.pool import with_pool
-from lightning_fastif.applications.report import write_correction_report
+from lightning_fastif.zoo.confusion import induce_confusion
 from lightning_fastif.zoo.digits import DigitsClassifier, DigitsDataModule
 
 

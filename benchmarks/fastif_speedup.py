@@ -68,7 +68,7 @@ def run_dataset(name: str, x, y, xq, yq, sizes, epochs: int, ks, n_queries: int,
     indexes = {"Flat": built.index}
     build_s = {}
     for factory, kwargs in factories.items():
-        from lightning_fastif.retrieval import make_index
+        from lightning_fastif.retrieval.factory import make_index
 
         t = time.perf_counter()
         idx = make_index(factory, **kwargs)

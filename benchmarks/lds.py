@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import MNIST, load_mnist, machine_info, print_table, save_json, set_threads
 
 import lightning_fastif as lf
-from lightning_fastif.lds import IdentitySolver, LDSSettings, lds_check
+from lightning_fastif.evaluation.lds.settings import IdentitySolver, LDSSettings
+from lightning_fastif.evaluation.lds.task import lds_check
 
 PUBLISHED = "dattri (MNIST MLP, cold retraining): CG ~0.26, TRAK-50 ~0.45"
 
@@ -154,7 +155,7 @@ def main() -> None:
     }
     from torch.utils.data import TensorDataset
 
-    from lightning_fastif.zoo import DigitsClassifier, DigitsDataModule, MLPClassifier
+    from lightning_fastif.zoo.digits import DigitsClassifier, DigitsDataModule, MLPClassifier
 
     # the digits demo: configs/digits.yaml's model and data (hidden 64, lr 0.01, weight decay 1e-3, 30 epochs)
     dm = DigitsDataModule(batch_size=64)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import MNIST, load_digits_split, load_mnist, machine_info, print_table, save_json, set_threads
 
 import lightning_fastif as lf
-from lightning_fastif.lds import IdentitySolver
-from lightning_fastif.self_influence import mislabel_detection, self_influence
+from lightning_fastif.evaluation.lds.settings import IdentitySolver
+from lightning_fastif.evaluation.self_influence import mislabel_detection, self_influence
 
 FRACTIONS = (0.05, 0.1, 0.2)
 
@@ -95,7 +95,7 @@ def run_problem(
 ):
     from torch.utils.data import TensorDataset
 
-    from lightning_fastif.zoo import MLPClassifier
+    from lightning_fastif.zoo.digits import MLPClassifier
 
     noisy, flipped = flip_labels(y, 0.1, num_classes, seed)
     torch.manual_seed(seed)

@@ -35,7 +35,7 @@ from fastif_speedup import generated, train
 import lightning_fastif as lf
 from lightning_fastif.functional.losses import resolve_loss
 from lightning_fastif.retrieval.build import build_index
-from lightning_fastif.retrieval.gradient_index import build_gradient_index, save_gradient_index
+from lightning_fastif.retrieval.gradients.folder import build_gradient_index, save_gradient_index
 from lightning_fastif.retrieval.store import save_index
 
 

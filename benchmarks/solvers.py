@@ -71,11 +71,11 @@ from torch.utils.data import TensorDataset
 from lightning_fastif import CGSolver, EKFACSolver, KFACSolver
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads
-from lightning_fastif.functional.kfac import preconditioned_cg, solve_kfac
+from lightning_fastif.functional.kfac.solve import preconditioned_cg, solve_kfac
 from lightning_fastif.functional.losses import PerExampleLoss
 from lightning_fastif.functional.params import ParamSpec, select_params
 from lightning_fastif.functional.scores import jvp_scores
-from lightning_fastif.functional.solvers import conjugate_gradient
+from lightning_fastif.functional.solvers.algorithms import conjugate_gradient
 
 DAMPING = 1e-2
 REF_TOL = 1e-8

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import lightning_fastif as lf
-from lightning_fastif.reporting import write_html_report
+from lightning_fastif.reporting.html import write_html_report
 
 CLASS_NAMES = ("negative", "positive")
 HIDDEN = 384  # MiniLM-L6's hidden size = the sentence-embedding dimension

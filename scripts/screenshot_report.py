@@ -74,7 +74,7 @@ def write_sample_report(path: str | Path, num_queries: int = 4, top_k: int = 6, 
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from lightning_fastif.reporting import write_html_report
+    from lightning_fastif.reporting.html import write_html_report
     from lightning_fastif.results import InfluenceResult
 
     digits = load_digits()

@@ -13,19 +13,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lightning_fastif as lf
-from lightning_fastif.applications.correct import (
-    CorrectionSettings,
-    SliceSpec,
-    correct,
-    select_slice,
-    sgd_step,
-)
-from lightning_fastif.applications.group import explain_group, group_influence, group_s_test
+from lightning_fastif.applications.correct.loop import CorrectionSettings, correct, sgd_step
+from lightning_fastif.applications.correct.report import render_correction_report
+from lightning_fastif.applications.correct.slice import SliceSpec, select_slice
 from lightning_fastif.applications.influence_map import influence_map_svg, map_layout
 from lightning_fastif.applications.pool import with_pool
-from lightning_fastif.applications.report import render_correction_report
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.losses import resolve_loss
+from lightning_fastif.influence.group import explain_group, group_influence, group_s_test
 from lightning_fastif.results import InfluenceResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,7 +295,7 @@ def test_html_report_shows_the_map_and_group_members(tmp_path):
 # ------------------------------------------------------------------------------------------------ CLI
 @pytest.mark.slow
 def test_cli_correct_end_to_end_and_group_influence_over_an_unseen_pool(tmp_path):
-    from lightning_fastif.cli import main
+    from lightning_fastif.cli.app import main
 
     os.environ["WANDB_MODE"] = "offline"
     common = [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_fastif.cli import main
+from lightning_fastif.cli.app import main
 from lightning_fastif.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_unknown_config_key_is_a_parser_error_not_a_traceback(digits_run, capsys
 def test_checkpoint_that_does_not_match_the_model(digits_run, tmp_path):
     import torch
 
-    from lightning_fastif.zoo import DigitsClassifier
+    from lightning_fastif.zoo.digits import DigitsClassifier
 
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": DigitsClassifier(hidden=32).state_dict()}, other)  # weights of another shape

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_fastif.cli import main
+from lightning_fastif.cli.app import main
 from lightning_fastif.threads import default_threads, set_num_threads
 
 ROOT = Path(__file__).resolve().parents[1]

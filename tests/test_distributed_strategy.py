@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import lightning_fastif as lf
 from lightning_fastif import errors as lf_errors
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.retrieval import load_arrays, load_index
-from lightning_fastif.strategy import InfluenceStrategy
+from lightning_fastif.retrieval.store import load_arrays, load_index
+from lightning_fastif.trainer.strategy import InfluenceStrategy
 
 pytestmark = pytest.mark.distributed
 

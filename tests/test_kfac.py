@@ -21,10 +21,11 @@ import lightning_fastif as lf
 from lightning_fastif.errors import ConfigurationError, IndexMismatchError, UnsupportedModelError
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads
-from lightning_fastif.functional.kfac import kfac_layers, kfac_unsupported, solve_kfac
+from lightning_fastif.functional.kfac.layers import kfac_layers, kfac_unsupported
+from lightning_fastif.functional.kfac.solve import solve_kfac
 from lightning_fastif.functional.losses import PerExampleLoss
 from lightning_fastif.functional.params import ParamSpec, select_params
-from lightning_fastif.kfac_solver import EKFACSolver, KFACSolver
+from lightning_fastif.solvers.kronecker import EKFACSolver, KFACSolver
 
 
 def _curvature(model, ds, patterns=None, batch_size=16, loss_fn=None, **kw):
@@ -164,7 +165,7 @@ def test_inverse_equals_a_dense_solve_of_the_kronecker_matrix(mlp_problem):
         dense = torch.block_diag(*blocks) + damping * torch.eye(
             sum(b.shape[0] for b in blocks), dtype=torch.float64
         )
-        from lightning_fastif.functional.kfac import layer_matrices
+        from lightning_fastif.functional.kfac.solve import layer_matrices
 
         mats = layer_matrices(cur.spec, factors.slots, v)
         stacked = torch.cat([mats[s.module].flatten(1) for s in factors.slots], 1)
@@ -372,7 +373,7 @@ class _Record(pl.Callback):
 
 @pytest.mark.distributed
 def test_ddp_factors_equal_one_process(tmp_path):
-    from lightning_fastif.strategy import InfluenceStrategy
+    from lightning_fastif.trainer.strategy import InfluenceStrategy
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()

@@ -16,15 +16,14 @@ from torch.utils.data import TensorDataset
 
 import lightning_fastif as lf
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.lds import (
-    IdentitySolver,
-    LDSSettings,
-    lds_check,
+from lightning_fastif.evaluation.lds.core import (
     lds_subsets,
     linear_datamodeling_score,
     predicted_group_effects,
     shard_subsets,
 )
+from lightning_fastif.evaluation.lds.settings import IdentitySolver, LDSSettings
+from lightning_fastif.evaluation.lds.task import lds_check
 
 ROOT = Path(__file__).resolve().parents[1]
 L2 = 1e-2
@@ -152,7 +151,7 @@ def test_settings_are_checked_with_messages_naming_the_argument():
 
 
 def test_evaluate_with_lds_end_to_end_on_digits(tmp_path):
-    from lightning_fastif.cli import main
+    from lightning_fastif.cli.app import main
 
     os.environ["WANDB_MODE"] = "offline"
     args = [
@@ -190,7 +189,7 @@ def test_evaluate_with_lds_end_to_end_on_digits(tmp_path):
 
 @pytest.mark.distributed
 def test_lds_under_ddp_spreads_subsets_over_two_processes_and_equals_one_process(convex, tmp_path):
-    from lightning_fastif.lds import run_lds
+    from lightning_fastif.evaluation.lds.task import run_lds
 
     im, query = convex
     settings = LDSSettings(subsets=5, fraction=0.9, max_epochs=1, batch_size=10_000, warm_start=True)
@@ -236,7 +235,7 @@ class _Scaled(nn.Module):
 
 
 def test_seeded_initialisation_is_shared_and_leaves_the_model_alone():
-    from lightning_fastif.lds import _seeded_init
+    from lightning_fastif.evaluation.lds.retrain import _seeded_init
 
     model = _Scaled()
     before = {k: v.clone() for k, v in model.state_dict().items()}

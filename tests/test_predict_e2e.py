@@ -9,8 +9,9 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_fastif as lf
 from lightning_fastif.errors import ConfigurationError, IndexCorruptError, IndexMismatchError
-from lightning_fastif.retrieval import TorchIndex, load_arrays
-from lightning_fastif.zoo import DigitsClassifier, DigitsDataModule
+from lightning_fastif.retrieval.index import TorchIndex
+from lightning_fastif.retrieval.store import load_arrays
+from lightning_fastif.zoo.digits import DigitsClassifier, DigitsDataModule
 
 
 def _trainer(**kw):

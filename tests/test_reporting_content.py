@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_fastif as lf
-from lightning_fastif.reporting import WANDB_COLUMNS, build_rows, render_html_report
+from lightning_fastif.reporting.html import render_html_report
+from lightning_fastif.reporting.wandb_table import WANDB_COLUMNS, build_rows
 from lightning_fastif.results import InfluenceResult
 
 SOLVER = "LiSSASolver(damping=0.01, scale=25.0, depth=1000, repeats=4, batch_size=8, seed=0)"

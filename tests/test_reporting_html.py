@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.reporting import read_jsonl, render_html_report, write_html_report
-from lightning_fastif.reporting.jsonl import JsonlWriter
+from lightning_fastif.reporting.html import render_html_report, write_html_report
+from lightning_fastif.reporting.jsonl import JsonlWriter, read_jsonl
 from lightning_fastif.results import InfluenceResult
 
 SENTENCES = [

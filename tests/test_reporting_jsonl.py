@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.reporting import JsonlWriter, read_jsonl
+from lightning_fastif.reporting.jsonl import JsonlWriter, read_jsonl
 from lightning_fastif.results import InfluenceResult
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.reporting import RenderedInput, png_data_uri, render_example
+from lightning_fastif.reporting.render import RenderedInput, png_data_uri, render_example
 
 
 def test_string_is_text() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lightning_fastif.reporting import WANDB_COLUMNS, build_rows, log_to_wandb
+from lightning_fastif.reporting.wandb_table import WANDB_COLUMNS, build_rows, log_to_wandb
 from lightning_fastif.results import InfluenceResult
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.retrieval import (
+from lightning_fastif.retrieval.features import (
     extract_features,
     extract_features_and_outputs,
     find_feature_layer,

@@ -18,14 +18,19 @@ import lightning_fastif as lf
 from lightning_fastif.errors import ConfigurationError, IndexMismatchError
 from lightning_fastif.functional.losses import resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
-from lightning_fastif.retrieval.gradient_index import (
-    GradientSketcher,
+from lightning_fastif.retrieval.gradients.folder import (
     build_gradient_index,
     load_gradient_index,
-    mips_union,
     save_gradient_index,
 )
-from lightning_fastif.retrieval.sketch import DenseProjection, KroneckerProjection, head_query, head_sketch
+from lightning_fastif.retrieval.gradients.search import mips_union
+from lightning_fastif.retrieval.gradients.sketch import (
+    DenseProjection,
+    KroneckerProjection,
+    head_query,
+    head_sketch,
+)
+from lightning_fastif.retrieval.gradients.sketcher import GradientSketcher
 
 
 class Net(nn.Module):
@@ -347,8 +352,8 @@ def test_gradient_index_built_under_ddp_equals_one_process(trained, tmp_path):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from lightning_fastif.retrieval import load_index
-    from lightning_fastif.strategy import InfluenceStrategy
+    from lightning_fastif.retrieval.store import load_index
+    from lightning_fastif.trainer.strategy import InfluenceStrategy
 
     saved = dict(os.environ)
     try:
@@ -390,7 +395,7 @@ def test_gradient_index_built_under_ddp_equals_one_process(trained, tmp_path):
 def test_cli_index_influence_and_evaluate_in_gradient_space(tmp_path, capsys):
     from pathlib import Path
 
-    from lightning_fastif.cli import main
+    from lightning_fastif.cli.app import main
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     common = [

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.retrieval import FaissIndex, TorchIndex, index_from_bytes, make_index
-from lightning_fastif.retrieval import index as index_mod
+from lightning_fastif.retrieval import factory as factory_mod
+from lightning_fastif.retrieval.factory import index_from_bytes, make_index
+from lightning_fastif.retrieval.faiss_index import FaissIndex
+from lightning_fastif.retrieval.index import TorchIndex
 
 
 def _gaussian(n: int, d: int, seed: int) -> torch.Tensor:
@@ -189,7 +191,7 @@ def test_make_index_arguments_and_faiss_fallback(monkeypatch: pytest.MonkeyPatch
     def no_faiss() -> None:
         raise ImportError("No module named 'faiss'")
 
-    monkeypatch.setattr(index_mod, "_import_faiss", no_faiss)
+    monkeypatch.setattr(factory_mod, "_import_faiss", no_faiss)
     with pytest.warns(UserWarning, match=r"FAISS cannot be imported.*exact torch index"):
         index = make_index("IVF64,Flat", nprobe=4)
     assert isinstance(index, TorchIndex)

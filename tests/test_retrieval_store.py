@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 import lightning_fastif
+from lightning_fastif._files import leftovers
 from lightning_fastif.errors import ConfigurationError, IndexCorruptError, IndexMismatchError
 from lightning_fastif.functional.params import fingerprint
-from lightning_fastif.retrieval import FaissIndex, IndexMeta, TorchIndex, load_arrays, load_index, save_index
-from lightning_fastif.retrieval._files import leftovers
+from lightning_fastif.retrieval.faiss_index import FaissIndex
+from lightning_fastif.retrieval.index import TorchIndex
+from lightning_fastif.retrieval.store import IndexMeta, load_arrays, load_index, save_index
 
 REPO = Path(__file__).resolve().parents[1]
 N, D = 40_000, 64  # 10 MB of float32 per index: a save takes long enough to be killed in the middle

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_fastif as lf
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.self_influence import (
+from lightning_fastif.evaluation.self_influence import (
     SelfInfluenceTask,
     mislabel_detection,
     rank_by_self_influence,
@@ -172,7 +172,7 @@ def test_ddp_self_influence_equals_one_process(digits_l2_1e2, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_self_influence_subcommand_end_to_end_on_digits(tmp_path):
-    from lightning_fastif.cli import main
+    from lightning_fastif.cli.app import main
 
     os.environ["WANDB_MODE"] = "offline"
     main(

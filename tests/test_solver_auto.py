@@ -193,7 +193,7 @@ def test_auto_falls_back_to_cg_on_gauss_newton_when_exact_does_not_fit():
 
 
 def test_auto_picks_ekfac_for_large_linear_only_models_when_available():
-    from lightning_fastif import solver_choice
+    from lightning_fastif.solvers import auto as solver_choice
 
     if solver_choice._EKFAC is None:
         pytest.skip("EK-FAC solver not in this tree")

@@ -15,7 +15,7 @@ from lightning_fastif.errors import (
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.losses import PerExampleLoss
 from lightning_fastif.functional.params import ParamSpec, select_params
-from lightning_fastif.functional.solvers import conjugate_gradient, lissa
+from lightning_fastif.functional.solvers.algorithms import conjugate_gradient, lissa
 
 
 def _spd(p=12, seed=0, cond=50.0):

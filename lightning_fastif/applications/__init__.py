@@ -1,9 +1,8 @@
 """FastIF's applications, above :class:`~lightning_fastif.InfluenceModule`.
 
-- :mod:`.group`: one s_test for the mean loss of a set of queries (``group_s_test``, ``explain_group``).
 - :mod:`.pool`: a candidate pool that is not the training set (FastIF's unseen-data experiment).
-- :mod:`.correct`: FastIF's error correction: fine-tune on the most helpful examples of a failing slice, with baselines.
-- :mod:`.report`: the correction report (table and inline-SVG line plot).
+- :mod:`.correct`: FastIF's error correction: fine-tune on the most helpful examples of a failing slice, with
+  baselines, and its report (table and inline-SVG line plot).
 - :mod:`.influence_map`: the influence map (queries on a circle, training examples placed by their pull), inline SVG.
 
 Imports are lazy: ``import lightning_fastif.applications`` costs nothing until a name is used.
@@ -15,9 +14,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "group_s_test": "group",
-    "group_influence": "group",
-    "explain_group": "group",
     "PoolInfluenceModule": "pool",
     "with_pool": "pool",
     "rebind": "_rebind",
@@ -27,10 +23,8 @@ _EXPORTS = {
     "correct": "correct",
     "select_slice": "correct",
     "sgd_step": "correct",
-    "write_correction_report": "report",
+    "write_correction_report": "correct",
     "influence_map_svg": "influence_map",
-    "induce_confusion": "confusion",
-    "ConfusedDigitsDataModule": "confusion",
 }
 
 __all__ = sorted(_EXPORTS)

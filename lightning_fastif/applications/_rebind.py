@@ -29,7 +29,7 @@ _SKIP = {"self", "model", "train_dataset", "loss_fn", "solver", "index"}
 
 def module_settings(im: Any) -> dict[str, Any]:
     """The constructor arguments of ``im`` (an ``InfluenceModule``) that can be read back from it."""
-    from lightning_fastif.module import InfluenceModule
+    from lightning_fastif.influence.module import InfluenceModule
 
     out: dict[str, Any] = {}
     for name, par in inspect.signature(InfluenceModule.__init__).parameters.items():

@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning_fastif.applications._rebind import rebind
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.module import InfluenceModule
+from lightning_fastif.influence.module import InfluenceModule
 from lightning_fastif.results import InfluenceResult
 
 __all__ = ["PoolInfluenceModule", "with_pool"]

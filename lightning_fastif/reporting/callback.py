@@ -128,7 +128,7 @@ class InfluenceReport(pl.Callback):
         if diag is not None:
             out["solver iterations (last)"] = diag.iterations
             # issue 10: convergence is never silent (the same fields are in every JSONL record's `extra`)
-            from lightning_fastif.solver_choice import solver_record
+            from lightning_fastif.solvers.auto import solver_record
 
             rec = solver_record(solver)
             conv = rec.get("convergence") or {}
@@ -142,7 +142,7 @@ class InfluenceReport(pl.Callback):
         return out
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_fastif.callbacks import splits_queries
+        from lightning_fastif.reporting.writer import splits_queries
 
         if splits_queries(trainer) and hasattr(trainer.strategy, "gather_objects"):
             # ranks explained different queries: gather every rank's records (a collective: all ranks take part)
@@ -211,7 +211,7 @@ def _wandb_run_dir(loggers: Sequence[Any]) -> str | None:
 def _with_resumed(trainer: pl.Trainer, results: list[InfluenceResult]) -> list[InfluenceResult]:
     """This run's results plus those an ``InfluenceWriter`` kept from the run it resumed: the report shows what
     ``influence.jsonl`` holds, one record per query id (the first one seen)."""
-    from lightning_fastif.callbacks import InfluenceWriter
+    from lightning_fastif.reporting.writer import InfluenceWriter
 
     merged: dict[int, InfluenceResult] = {}
     for cb in trainer.callbacks:  # type: ignore[attr-defined]

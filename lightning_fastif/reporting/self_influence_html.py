@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_fastif._files import atomic_write_text
 from lightning_fastif.reporting._items import ClassNames, ExampleCache, check_class_names, format_label
-from lightning_fastif.reporting.html import _CSS, _e, _flatten, _num, _thumb, _value, atomic_write_text
+from lightning_fastif.reporting.html import _CSS, _e, _flatten, _num, _thumb, _value
 from lightning_fastif.reporting.render import Decoder, Renderer
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "log_self_influence_to_wandb",
     "render_self_influence_html",
     "write_self_influence_jsonl",
+    "write_self_influence_outputs",
     "write_self_influence_report",
 ]
 
@@ -51,7 +53,7 @@ def render_self_influence_html(
 
     Args:
         records: ranked records (``rank``, ``train_id``, ``self_influence``, optional ``loss``/``label``), most
-            suspicious first, as :func:`~lightning_fastif.self_influence.rank_by_self_influence` returns them.
+            suspicious first, as :func:`~lightning_fastif.evaluation.self_influence.rank_by_self_influence` returns them.
         train_lookup: training id -> ``x`` or ``(x, label)``; a map-style dataset works. ``None``: ids only.
         top: how many records to show.
         summary: run details for the header (solver, parameters, timings).
@@ -169,3 +171,58 @@ def log_self_influence_to_wandb(
     except Exception as error:  # W&B must never take the run down with it
         return skip(f"W&B raised {type(error).__name__}: {error}")
     return None
+
+
+def write_self_influence_outputs(
+    trainer: Any,
+    im: Any,
+    ids: Any,
+    values: Any,
+    losses: Any,
+    output_dir: str | Any,
+    *,
+    top: int = 60,
+    image_shape: Sequence[int] | None = None,
+    class_names: Any = None,
+    report: bool = True,
+) -> list[dict[str, Any]]:
+    """Rank, then write ``output_dir/self_influence.jsonl`` (most suspicious first), ``self_influence.html`` and,
+    when ``trainer`` has a WandbLogger, a W&B table. Only rank 0 writes; every rank returns the ranked records."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lightning_fastif.evaluation.self_influence import rank_by_self_influence
+    from lightning_fastif.functional.batch import fetch, labels_of
+
+    labels = None
+    try:
+        labels = labels_of(fetch(im.train_dataset, ids.tolist(), im._user_collate))
+    except Exception:  # labels are a nicety of the records, not a requirement
+        labels = None
+    records = rank_by_self_influence(
+        ids, values, losses, labels if labels is not None and labels.dim() == 1 else None
+    )
+    if trainer is not None and trainer.global_rank != 0:
+        return records
+    out = Path(output_dir)
+    write_self_influence_jsonl(out / "self_influence.jsonl", records)
+    if report:
+        summary = {"solver": repr(im.solver), "parameters": im._theta()[1].numel}
+        summary.update({f"seconds/{k}": round(v, 3) for k, v in im.timings.items()})
+        write_self_influence_report(
+            out / "self_influence.html",
+            records,
+            im.train_dataset,
+            top=top,
+            summary=summary,
+            class_names=class_names,
+            image_shape=image_shape,
+        )
+        if trainer is not None and trainer.loggers:
+            log_self_influence_to_wandb(
+                trainer.loggers, records, im.train_dataset, class_names=class_names, image_shape=image_shape
+            )
+    rank_zero_info(
+        f"lightning_fastif: self-influence of {len(records)} training examples (solver {im.solver!r}) written to "
+        f"{out.resolve()}/self_influence.{{jsonl,html}}"
+    )
+    return records

@@ -3,6 +3,7 @@
 Imports torch, numpy and (lazily, when a FAISS index is made or read) faiss; never Lightning or W&B.
 """
 
+from lightning_fastif.retrieval.factory import index_from_bytes, make_index
 from lightning_fastif.retrieval.faiss_index import FaissIndex
 from lightning_fastif.retrieval.features import (
     extract_features,
@@ -10,13 +11,7 @@ from lightning_fastif.retrieval.features import (
     find_feature_layer,
     ordered_loader,
 )
-from lightning_fastif.retrieval.index import (
-    BACKENDS,
-    CandidateIndex,
-    TorchIndex,
-    index_from_bytes,
-    make_index,
-)
+from lightning_fastif.retrieval.index import BACKENDS, CandidateIndex, TorchIndex
 from lightning_fastif.retrieval.store import IndexMeta, load_arrays, load_index, save_index
 
 __all__ = [

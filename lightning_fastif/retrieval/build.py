@@ -13,12 +13,13 @@ from torch.utils.data import Dataset, Subset
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import ForwardFn
 from lightning_fastif.functional.params import dataset_fingerprint, fingerprint
+from lightning_fastif.retrieval.factory import make_index
 from lightning_fastif.retrieval.features import (
     extract_features_and_outputs,
     find_feature_layer,
     ordered_loader,
 )
-from lightning_fastif.retrieval.index import CandidateIndex, make_index
+from lightning_fastif.retrieval.index import CandidateIndex
 
 __all__ = ["BuiltIndex", "build_index", "extract_shard"]
 
@@ -91,7 +92,7 @@ def build_index(
         model: the trained network (not changed).
         dataset: the training set; row i gets id i.
         feature_layer: module name or module whose input is the feature (default: the last ``nn.Linear`` called).
-        factory, backend, **index_kwargs: see :func:`lightning_fastif.retrieval.make_index`.
+        factory, backend, **index_kwargs: see :func:`lightning_fastif.retrieval.factory.make_index`.
         batch_size, collate_fn: how the dataset is read (in order, no shuffling).
         progress: show a progress bar over the feature pass.
         features: ``(layer name, features [N, d], logits [N, C] or None)`` from :func:`extract_shard`.

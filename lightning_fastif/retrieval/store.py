@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_fastif.errors import ConfigurationError, IndexCorruptError, IndexMismatchError
-from lightning_fastif.retrieval._files import (
+from lightning_fastif._files import (
     META_FILE,
     digest,
     fsync_path,
@@ -42,7 +41,9 @@ from lightning_fastif.retrieval._files import (
     remove_folder,
     write_npy,
 )
-from lightning_fastif.retrieval.index import CandidateIndex, index_from_bytes
+from lightning_fastif.errors import ConfigurationError, IndexCorruptError, IndexMismatchError
+from lightning_fastif.retrieval.factory import index_from_bytes
+from lightning_fastif.retrieval.index import CandidateIndex
 
 __all__ = ["IndexMeta", "load_arrays", "load_index", "save_index"]
 
@@ -196,7 +197,7 @@ def save_index(
             raise ConfigurationError(
                 f"Expected the names of `arrays` to be identifiers other than ids/index/meta, but got {name!r}."
             )
-    from lightning_fastif import __version__
+    from lightning_fastif._version import __version__
 
     dirpath = Path(dirpath)
     dirpath.parent.mkdir(parents=True, exist_ok=True)
