@@ -20,7 +20,14 @@ from torch.utils.data.dataloader import default_collate
 from lightning_fastif._runtime import StageProgress, eval_mode
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import batch_size as _batch_size
-from lightning_fastif.functional.batch import fetch, labels_of, move_to, slice_batch
+from lightning_fastif.functional.batch import (
+    batch_digest,
+    example_digests,
+    fetch,
+    labels_of,
+    move_to,
+    slice_batch,
+)
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads_and_losses
 from lightning_fastif.functional.losses import check_finite, resolve_loss
@@ -83,6 +90,9 @@ class InfluenceModule(pl.LightningModule):
 
     skip_query_ids: frozenset[int] = frozenset()
     """Query ids ``predict_step`` leaves out (set by ``InfluenceWriter`` when it resumes a run)."""
+    skip_query_digests: dict[int, str] = {}  # noqa: RUF012 - replaced, never mutated
+    """Query id -> ``batch_digest`` of the query (input and label) its kept record was made from: a skipped id whose
+    query now differs is computed again (set by ``InfluenceWriter`` with ``skip_query_ids``)."""
 
     def __init__(
         self,
@@ -414,18 +424,32 @@ class InfluenceModule(pl.LightningModule):
         query_ids = (
             self._query_ids(batch_idx, dataloader_idx, n) if self._trainer is not None else list(range(n))
         )
+        if getattr(self, "group_queries", False):  # one result for the mean loss of the batch's queries
+            digest = batch_digest(batch)
+            if self.skip_query_digests.get(query_ids[0]) == digest and query_ids[0] in self.skip_query_ids:
+                return []  # the same group was explained already (InfluenceWriter resuming)
+            result = self.explain_group(batch, query_ids)
+            result.extra["query_sha256"] = digest
+            return [result]
+        digests = example_digests(batch)  # what each record is of: the query's input and label
         if (
             self.skip_query_ids
-        ):  # already explained (InfluenceWriter resuming a killed run): not computed again
-            keep = [i for i, q in enumerate(query_ids) if q not in self.skip_query_ids]
+        ):  # already explained (InfluenceWriter resuming a killed run): not computed again, unless the query changed
+            keep = [
+                i
+                for i, q in enumerate(query_ids)
+                if q not in self.skip_query_ids or self.skip_query_digests.get(q, digests[i]) != digests[i]
+            ]
             if not keep:
                 return []
             if len(keep) < n:
                 batch = slice_batch(batch, torch.tensor(keep))
                 query_ids = [query_ids[i] for i in keep]
-        if getattr(self, "group_queries", False):  # one result for the mean loss of the batch's queries
-            return [self.explain_group(batch, query_ids)]
-        return self.explain(batch, query_ids)
+                digests = [digests[i] for i in keep]
+        results = self.explain(batch, query_ids)
+        for r, d in zip(results, digests, strict=False):
+            r.extra["query_sha256"] = d
+        return results
 
     def explain_group(self, batch: Any, query_ids: Sequence[int] | None = None) -> InfluenceResult:
         """One result for the mean loss of ``batch`` (a group query: one s_test); its ``group`` lists the members.
