@@ -157,7 +157,8 @@ class FolderLock:
         return self
 
     def _acquire_flock(self, fcntl: Any) -> int:
-        for _ in range(20):  # a holder that releases between our open and flock unlinks the file: retry on the new one
+        # a holder that releases between our open and our flock unlinks the file: retry on the new one
+        for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -226,6 +227,12 @@ class FolderLock:
 
     def __getstate__(self) -> dict[str, Any]:  # a held descriptor does not travel to another process
         return {**self.__dict__, "_fd": None}
+
+
+def folder_lock(dirpath: str | os.PathLike[str], what: str) -> FolderLock:
+    """The :class:`FolderLock` of a folder replaced by renaming: ``.<name>.lock`` beside it (not inside it)."""
+    dirpath = Path(dirpath)
+    return FolderLock(dirpath.parent / f".{dirpath.name}.lock", f"{what} {str(dirpath)!r}")
 
 
 def _host() -> str:

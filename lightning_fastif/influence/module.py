@@ -19,7 +19,6 @@ from torch.utils.data.dataloader import default_collate
 
 from lightning_fastif._runtime import StageProgress, eval_mode
 from lightning_fastif.errors import ConfigurationError
-from lightning_fastif.functional.batch import batch_size as _batch_size
 from lightning_fastif.functional.batch import (
     batch_digest,
     example_digests,
@@ -28,6 +27,7 @@ from lightning_fastif.functional.batch import (
     move_to,
     slice_batch,
 )
+from lightning_fastif.functional.batch import batch_size as _batch_size
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads_and_losses
 from lightning_fastif.functional.losses import check_finite, resolve_loss
@@ -432,9 +432,8 @@ class InfluenceModule(pl.LightningModule):
             result.extra["query_sha256"] = digest
             return [result]
         digests = example_digests(batch)  # what each record is of: the query's input and label
-        if (
-            self.skip_query_ids
-        ):  # already explained (InfluenceWriter resuming a killed run): not computed again, unless the query changed
+        # already explained (InfluenceWriter resuming a killed run): not computed again, unless the query changed
+        if self.skip_query_ids:
             keep = [
                 i
                 for i, q in enumerate(query_ids)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["changed_settings", "record_digest", "run_signature", "signature_key", "sign", "verify"]
+__all__ = ["changed_settings", "record_digest", "run_signature", "sign", "signature_key", "verify"]
 
 RECORD_DIGEST = "record_sha256"
 QUERY_DIGEST = "query_sha256"
@@ -33,9 +33,9 @@ def _callable_id(fn: Any) -> str | None:
     if fn is None:
         return None
     name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
-    if code is None:
-        return name
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__func__", None), "__code__", None)
+    if code is None:  # a callable object (an nn.Module loss...): its repr shows its settings
+        return f"{name}:{repr(fn)[:500]}"
     h = hashlib.sha256(code.co_code)
     h.update(repr(code.co_consts).encode())
     h.update(repr(code.co_names).encode())
@@ -69,7 +69,10 @@ def _data_id(dataset: Any) -> Any:
     try:
         return dataset_fingerprint(dataset)
     except Exception:  # a dataset that cannot be read this way: its length and type
-        return {"type": type(dataset).__name__, "length": len(dataset) if hasattr(dataset, "__len__") else None}
+        return {
+            "type": type(dataset).__name__,
+            "length": len(dataset) if hasattr(dataset, "__len__") else None,
+        }
 
 
 def _params_id(pl_module: Any, model: Any) -> Any:
@@ -87,7 +90,7 @@ def run_signature(pl_module: Any, query_split: str | None = None) -> dict[str, A
     """Every setting that determines a record of ``pl_module`` (JSON types; the keys name the settings).
 
     Keys: module, solver, num_candidates, top_k, params (patterns and the names they select), candidates
-    (feature or gradient space), sketch, index (folder and its ``meta.json`` digest), loss, forward_fn, curvature,
+    (feature or gradient space, and the sketch settings), index (folder and its ``meta.json`` digest), loss, forward_fn, curvature,
     score_method, feature_layer, group, pool (name and data fingerprint), model (weights fingerprint), train_data
     (size and fingerprint of the training set), query_split, library_version.
     """
@@ -113,12 +116,19 @@ def run_signature(pl_module: Any, query_split: str | None = None) -> dict[str, A
         "num_candidates": getattr(pl_module, "num_candidates", None),
         "top_k": getattr(pl_module, "top_k", None),
         "params": _params_id(pl_module, model),
-        "candidates": getattr(pl_module, "candidates", None),
-        "sketch": getattr(pl_module, "sketch", None) if getattr(pl_module, "candidates", None) == "gradients" else None,
+        "candidates": {  # the space, and the settings of a gradient index built in memory
+            "space": getattr(pl_module, "candidates", None),
+            "sketch": getattr(pl_module, "sketch", None)
+            if getattr(pl_module, "candidates", None) == "gradients"
+            else None,
+        },
         "index": _index_id(getattr(pl_module, "index", None)),
         "loss": None
         if loss is None
-        else {"description": getattr(loss, "description", None), "loss_fn": _callable_id(getattr(loss, "loss_fn", None))},
+        else {
+            "description": getattr(loss, "description", None),
+            "loss_fn": _callable_id(getattr(loss, "loss_fn", None)),
+        },
         "forward_fn": _callable_id(getattr(pl_module, "forward_fn", None)),
         "curvature": getattr(pl_module, "curvature_mode", None),
         "score_method": getattr(pl_module, "score_method", None),

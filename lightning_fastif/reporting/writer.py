@@ -85,7 +85,8 @@ class InfluenceWriter(BasePredictionWriter):
         self._lock: Any = None
         self._key = ""  # the run signature's digest: what each record's digest is keyed with
         self._digests: dict[int, str] = {}  # query id -> query digest of a kept record (every rank)
-        self.replaced: set[int] = set()  # kept query ids recomputed because their query's input or label changed
+        # kept query ids recomputed because their query's input or label changed
+        self.replaced: set[int] = set()
         self._train_labels: Any = None
         self._writer: Any = None
         self._own: Path | None = None
@@ -122,7 +123,9 @@ class InfluenceWriter(BasePredictionWriter):
         from lightning_fastif._files import FolderLock, FolderLockedError
 
         if self._lock is None:
-            self._lock = FolderLock(self.lock_path, f"output folder {str(self.output_dir)!r} ({self.path.name})")
+            self._lock = FolderLock(
+                self.lock_path, f"output folder {str(self.output_dir)!r} ({self.path.name})"
+            )
         try:
             self._lock.acquire()
         except FolderLockedError as err:
@@ -135,16 +138,17 @@ class InfluenceWriter(BasePredictionWriter):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_lock()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         self._release_lock()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_fastif.reporting.jsonl import JsonlWriter
-
         from lightning_fastif.reporting._signature import QUERY_DIGEST, run_signature, signature_key
+        from lightning_fastif.reporting.jsonl import JsonlWriter
 
         self.written, self._seen, self.previous, self._train_labels = 0, set(), {}, None
         self.replaced = set()
@@ -164,7 +168,8 @@ class InfluenceWriter(BasePredictionWriter):
             state = trainer.strategy.broadcast(state, src=0)
         self._key, self._digests = state[0], {int(q): d for q, d in state[1].items()}
         self.done = set(self._digests)
-        if hasattr(pl_module, "skip_query_ids"):  # the module does not compute these again (same query digest)
+        # the module does not compute these again (when the query's digest is the same)
+        if hasattr(pl_module, "skip_query_ids"):
             pl_module.skip_query_ids = frozenset(self.done)
             pl_module.skip_query_digests = dict(self._digests)
             self._module = pl_module
@@ -240,7 +245,11 @@ class InfluenceWriter(BasePredictionWriter):
                     f"or copied from another run): recomputing query ids {sorted(bad)[:20]}"
                     + (" ..." if len(bad) > 20 else "")
                 )
-            if leftovers or (self.path.exists() and len(kept) != _count_lines(self.path)) or lines != len(kept):
+            if (
+                leftovers
+                or (self.path.exists() and len(kept) != _count_lines(self.path))
+                or lines != len(kept)
+            ):
                 _rewrite_jsonl(
                     self.path, [kept[q] for q in sorted(kept)]
                 )  # one clean file, one verified record per id
@@ -327,7 +336,7 @@ class InfluenceWriter(BasePredictionWriter):
             trainer.strategy.barrier("lightning_fastif.influence_writer")
             if trainer.is_global_zero:
                 self._merge_rank_files(trainer.world_size)
-        elif self.replaced and trainer.is_global_zero:  # the new records of changed queries replace the kept ones
+        elif self.replaced and trainer.is_global_zero:  # new records of changed queries replace kept ones
             self._keep_newest()
         if self.replaced:
             rank_zero_info(

@@ -35,6 +35,7 @@ from torch import Tensor
 from lightning_fastif._files import (
     META_FILE,
     digest,
+    folder_lock,
     fsync_path,
     leftovers,
     pid_alive,
@@ -197,10 +198,21 @@ def save_index(
             raise ConfigurationError(
                 f"Expected the names of `arrays` to be identifiers other than ids/index/meta, but got {name!r}."
             )
-    from lightning_fastif._version import __version__
-
     dirpath = Path(dirpath)
     dirpath.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(dirpath, "index folder"):  # one writer at a time (another one fails at once, named)
+        return _save_locked(index, dirpath, info, overwrite, arrays)
+
+
+def _save_locked(
+    index: CandidateIndex,
+    dirpath: Path,
+    info: IndexMeta,
+    overwrite: bool,
+    arrays: dict[str, Tensor | np.ndarray],
+) -> IndexMeta:
+    from lightning_fastif._version import __version__
+
     _recover(dirpath)
     _check_replaceable(dirpath, overwrite)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lightning_fastif._files import META_FILE, digest, fsync_path, remove_folder
+from lightning_fastif._files import META_FILE, digest, folder_lock, fsync_path, remove_folder
 from lightning_fastif.errors import IndexCorruptError, IndexMismatchError
 from lightning_fastif.functional.kfac.factors import KFACFactors
 from lightning_fastif.functional.kfac.layers import LayerSlot
@@ -35,10 +35,16 @@ COMPARED = ("fisher", "seed", "param_names", "dataset_length", "model_fingerprin
 
 def save_factors(dirpath: str | Path, factors: KFACFactors, meta: dict[str, Any]) -> Path:
     """Write ``factors`` and ``meta`` (plus kind, layers, version, time, checksum) to ``dirpath`` atomically."""
-    from lightning_fastif._version import __version__
 
     dirpath = Path(dirpath)
     dirpath.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(dirpath, "factors folder"):  # one writer at a time (another one fails at once, named)
+        return _save_locked(dirpath, factors, meta)
+
+
+def _save_locked(dirpath: Path, factors: KFACFactors, meta: dict[str, Any]) -> Path:
+    from lightning_fastif._version import __version__
+
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = dirpath.parent / f".{dirpath.name}.tmp-{token}"
     tmp.mkdir()

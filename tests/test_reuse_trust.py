@@ -1,0 +1,299 @@
+"""Issue 17: a resumed record is reused only when everything that made it is equal (settings, query input and
+label, the record's own digest); output, index and factor folders are locked while written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import lightning_fastif as lf
+from lightning_fastif._files import FolderLock, FolderLockedError, folder_lock
+from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.reporting._signature import changed_settings, run_signature
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Counting(lf.InfluenceModule):
+    """Records the query ids it explains (to tell reused records from recomputed ones)."""
+
+    def explain(self, batch, query_ids=None):
+        self.explained = [*getattr(self, "explained", []), *(query_ids or [])]
+        return super().explain(batch, query_ids)
+
+
+def _data():
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 5, dtype=torch.float64), torch.randint(0, 3, (60,))
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    return model, TensorDataset(x, y), x, y
+
+
+def _module(**kw):
+    model, train, x, y = _data()
+    settings = {"solver": lf.ExactSolver(damping=0.5), "num_candidates": None, "top_k": 4, **kw}
+    return Counting(model, train, **settings), x, y
+
+
+def _loader(x, y, shift=0.1, ids=range(6)):
+    return DataLoader(Subset(TensorDataset(x[:6] + shift, y[:6]), list(ids)), batch_size=3)
+
+
+def _predict(im, loader, out, **writer):
+    """One influence run into ``out``; returns the messages (info lines and warnings) it printed."""
+    im.explained = []
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[lf.InfluenceWriter(out, **writer)],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import logging
+
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda rec: records.append(rec.getMessage())  # type: ignore[method-assign]
+        log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        log.addHandler(handler)
+        old = log.level
+        log.setLevel(logging.INFO)
+        try:
+            trainer.predict(im, loader, return_predictions=False)
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(old)
+    return "\n".join([*records, *(str(w.message) for w in caught)])
+
+
+def _records(out: Path) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (out / "influence.jsonl").read_text().splitlines() if line.strip()]
+    by_id = {r["query_id"]: r for r in lines}
+    assert len(by_id) == len(lines), "a query id was written twice"
+    return by_id
+
+
+def _same_answers(a: dict, b: dict) -> bool:
+    return a["helpful_ids"] == b["helpful_ids"] and a["helpful_scores"] == pytest.approx(b["helpful_scores"])
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def test_a_rerun_with_the_same_settings_reuses_and_says_so(tmp_path):
+    im, x, y = _module()
+    _predict(im, _loader(x, y), tmp_path)
+    assert sorted(im.explained) == list(range(6))
+    said = _predict(im, _loader(x, y), tmp_path, overwrite_hint="--overwrite")
+    assert im.explained == []
+    assert "reusing 6 records made with the same settings; --overwrite to recompute" in said
+
+
+@pytest.mark.parametrize("change", ["params", "candidates"])
+def test_the_readme_case_other_params_or_candidates_recompute_and_say_which(tmp_path, change):
+    """After a run into a folder, a second run with other `params` (head only) or other candidates recomputes
+    every query and says which setting changed (it handed back the first run's records before)."""
+    first = {"num_candidates": 20} if change == "candidates" else {}
+    im, x, y = _module(**first)
+    _predict(im, _loader(x, y), tmp_path)
+    before = _records(tmp_path)
+    second = {"params": ["2.*"]} if change == "params" else {"num_candidates": 20, "candidates": "gradients"}
+    im2, _, _ = _module(**second)
+    said = _predict(im2, _loader(x, y), tmp_path)
+    assert sorted(im2.explained) == list(range(6)), "records of other settings were handed back"
+    assert f"settings changed: {change} -> recomputing" in said
+    fresh_dir = tmp_path / "fresh"
+    im3, _, _ = _module(**second)
+    _predict(im3, _loader(x, y), fresh_dir)
+    got, want = _records(tmp_path), _records(fresh_dir)
+    assert all(_same_answers(got[q], want[q]) for q in want)
+    if change == "params":  # the head-only answer is not the all-parameter one
+        assert any(got[q]["helpful_scores"] != pytest.approx(before[q]["helpful_scores"]) for q in got)
+
+
+def test_every_setting_that_determines_a_record_is_in_the_signature(tmp_path):
+    """loss, forward_fn, curvature, index folder, pool, params, candidates, model and data: each change is named."""
+    from lightning_fastif.applications.pool import with_pool
+
+    im, x, y = _module()
+    base = run_signature(im)
+
+    def diff(other):
+        return changed_settings(base, run_signature(other))
+
+    assert diff(_module()[0]) == []
+    assert diff(_module(params=["2.*"])[0]) == ["params"]
+    assert diff(_module(curvature="gauss_newton")[0]) == ["curvature"]
+    assert "loss" in diff(
+        _module(loss_fn=lambda out, batch: nn.functional.cross_entropy(out, batch[1], reduction="none") * 2)[
+            0
+        ]
+    )
+    assert diff(_module(forward_fn=lambda model, batch: model(batch[0]))[0]) == ["forward_fn"]
+    assert diff(_module(num_candidates=20, candidates="gradients")[0]) == ["candidates", "num_candidates"]
+    assert "pool" in diff(with_pool(im, TensorDataset(x[10:30], y[10:30]), "val"))
+    changed = _module()[0]
+    with torch.no_grad():
+        changed.model[0].weight[0, 0] += 1e-3
+    assert diff(changed) == ["model"]
+    model, train, _, _ = _data()
+    other_data = TensorDataset(train.tensors[0].clone(), train.tensors[1].roll(1))
+    assert diff(
+        Counting(model, other_data, solver=lf.ExactSolver(damping=0.5), num_candidates=None, top_k=4)
+    ) == ["train_data"]
+    # an index folder: its path and meta.json (a rebuilt index changes it)
+    from lightning_fastif.retrieval.index import TorchIndex
+    from lightning_fastif.retrieval.store import save_index
+
+    index = TorchIndex()
+    index.add(torch.randn(60, 4))
+    save_index(index, tmp_path / "index", {"dataset_length": 60})
+    a = run_signature(_module(num_candidates=5, index=str(tmp_path / "index"))[0])
+    save_index(index, tmp_path / "index", {"dataset_length": 60, "feature_layer": "2"})
+    b = run_signature(_module(num_candidates=5, index=str(tmp_path / "index"))[0])
+    assert changed_settings(a, b) == ["index"]
+
+
+def test_records_without_their_run_file_are_of_unknown_settings_and_recomputed(tmp_path):
+    im, x, y = _module()
+    _predict(im, _loader(x, y), tmp_path)
+    (tmp_path / "influence.run.json").unlink()
+    said = _predict(im, _loader(x, y), tmp_path)
+    assert sorted(im.explained) == list(range(6))
+    assert "settings unknown" in said and "-> recomputing" in said
+
+
+def test_other_query_inputs_with_the_same_ids_are_recomputed(tmp_path):
+    im, x, y = _module()
+    _predict(im, _loader(x, y, shift=0.1), tmp_path)
+    # ids 0..5 again, but the inputs of 3..5 moved and the label of 1 changed
+    y2 = y.clone()
+    y2[1] = (y2[1] + 1) % 3
+    x2 = x.clone()
+    x2[3:6] += 0.5
+    said = _predict(im, _loader(x2, y2, shift=0.1), tmp_path)
+    assert sorted(im.explained) == [1, 3, 4, 5]
+    assert "recomputed 4 queries whose input or label differ" in said
+    fresh = tmp_path / "fresh"
+    _predict(im, _loader(x2, y2, shift=0.1), fresh)
+    got, want = _records(tmp_path), _records(fresh)
+    assert sorted(got) == list(range(6))
+    assert all(_same_answers(got[q], want[q]) and got[q]["label"] == want[q]["label"] for q in want)
+    assert _predict(im, _loader(x2, y2, shift=0.1), tmp_path) and im.explained == []  # now all reused
+
+
+# ------------------------------------------------------------------------------------------------ digests
+def test_a_hand_edited_or_foreign_record_is_recomputed(tmp_path):
+    im, x, y = _module()
+    _predict(im, _loader(x, y), tmp_path)
+    want = _records(tmp_path)
+    lines = (tmp_path / "influence.jsonl").read_text().splitlines()
+    edited = json.loads(lines[2])
+    edited["helpful_scores"] = [s * 1000 for s in edited["helpful_scores"]]  # still valid JSON
+    lines[2] = json.dumps(edited)
+    other, _, _ = _module(solver=lf.ExactSolver(damping=2.0))  # a record of another run, pasted in for id 4
+    _predict(other, _loader(x, y), tmp_path / "other")
+    lines[4] = json.dumps(_records(tmp_path / "other")[4])
+    (tmp_path / "influence.jsonl").write_text("\n".join(lines) + "\n")
+    said = _predict(im, _loader(x, y), tmp_path)
+    assert sorted(im.explained) == [2, 4]
+    assert "2 records of" in said and "fail their digest check" in said and "[2, 4]" in said
+    got = _records(tmp_path)
+    assert all(_same_answers(got[q], want[q]) for q in want)
+
+
+# ------------------------------------------------------------------------------------------------ locks
+def test_two_writers_on_one_folder_in_one_trainer_is_an_error(tmp_path):
+    im, x, y = _module()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[lf.InfluenceWriter(tmp_path), lf.InfluenceWriter(tmp_path)],
+    )
+    with pytest.raises(ConfigurationError, match="another writer of this process is writing it"):
+        trainer.predict(im, _loader(x, y), return_predictions=False)
+    assert not (tmp_path / "influence.jsonl").exists()
+    assert not (tmp_path / ".influence.lock").exists()  # released on the error
+    _predict(im, _loader(x, y), tmp_path)  # and the folder is usable afterwards
+    assert sorted(_records(tmp_path)) == list(range(6))
+
+
+_HOLD = """
+import sys, time
+from lightning_fastif._files import FolderLock
+lock = FolderLock(sys.argv[1], "test").acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def _hold(path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(path)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_on_a_folder_being_written_fails_at_once_naming_the_owner(tmp_path):
+    proc = _hold(tmp_path / ".influence.lock")  # another influence run writing tmp_path
+    try:
+        im, x, y = _module()
+        with pytest.raises(
+            ConfigurationError, match=rf"output folder .*process {proc.pid} on .*pid {proc.pid}"
+        ):
+            _predict(im, _loader(x, y), tmp_path)
+        assert im.explained == [] and not (tmp_path / "influence.jsonl").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    _predict(im, _loader(x, y), tmp_path)  # the owner died: its lock is free
+    assert sorted(_records(tmp_path)) == list(range(6))
+
+
+def test_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
+    path = tmp_path / ".out.lock"
+    path.write_text(json.dumps({"pid": 2**22 + 12345, "host": "gone", "since": 0}))
+    with FolderLock(path, "output folder") as lock:
+        assert lock.held and json.loads(path.read_text())["pid"] == os.getpid()
+    assert not path.exists()
+
+
+def test_index_and_factor_folders_are_locked_while_written(tmp_path):
+    from lightning_fastif.retrieval.index import TorchIndex
+    from lightning_fastif.retrieval.store import save_index
+
+    index = TorchIndex()
+    index.add(torch.randn(5, 3))
+    with (
+        folder_lock(tmp_path / "index", "index folder"),  # another writer of the folder
+        pytest.raises(FolderLockedError, match="index folder .*index"),
+    ):
+        save_index(index, tmp_path / "index", {"dataset_length": 5})
+    assert not (tmp_path / "index").exists()
+    save_index(index, tmp_path / "index", {"dataset_length": 5})
+    assert (tmp_path / "index" / "meta.json").is_file() and not (tmp_path / ".index.lock").exists()
+
+    from lightning_fastif.functional.kfac.factors import KFACFactors
+    from lightning_fastif.solvers.factors_store import save_factors
+
+    with (
+        folder_lock(tmp_path / "factors", "factors folder"),
+        pytest.raises(FolderLockedError, match="factors folder"),
+    ):
+        save_factors(tmp_path / "factors", KFACFactors.__new__(KFACFactors), {})
+    assert not (tmp_path / "factors").exists()
