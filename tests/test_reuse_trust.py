@@ -249,20 +249,63 @@ def _hold(path: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_run_on_a_folder_being_written_fails_at_once_naming_the_owner(tmp_path):
-    proc = _hold(tmp_path / ".influence.lock")  # another influence run writing tmp_path
+_SLOW_RUN = """
+import sys, time
+import lightning.pytorch as pl
+sys.path.insert(0, sys.argv[2])
+import lightning_fastif as lf
+from test_reuse_trust import _loader, _module
+
+class Pause(pl.Callback):  # a long run: it is still writing when the second one starts
+    def on_predict_batch_end(self, *args, **kwargs):
+        print("writing", flush=True)
+        time.sleep(60)
+
+im, x, y = _module()
+trainer = pl.Trainer(accelerator="cpu", inference_mode=False, logger=False, enable_progress_bar=False,
+                     callbacks=[lf.InfluenceWriter(sys.argv[1]), Pause()])
+trainer.predict(im, _loader(x, y), return_predictions=False)
+"""
+
+
+def test_two_influence_runs_on_one_folder_at_once_the_second_fails_naming_the_owner(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, str(tmp_path), str(ROOT / "tests")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "writing"
+        written = (tmp_path / "influence.jsonl").read_bytes()
         im, x, y = _module()
         with pytest.raises(
-            ConfigurationError, match=rf"output folder .*process {proc.pid} on .*pid {proc.pid}"
+            ConfigurationError, match=rf"output folder .*process {first.pid} on .*pid {first.pid}"
         ):
             _predict(im, _loader(x, y), tmp_path)
-        assert im.explained == [] and not (tmp_path / "influence.jsonl").exists()
+        assert im.explained == [] and (tmp_path / "influence.jsonl").read_bytes() == written  # untouched
+    finally:
+        first.kill()
+        first.wait()
+    said = _predict(
+        im, _loader(x, y), tmp_path
+    )  # the owner died (SIGKILL): its lock is free, its records reused
+    assert "reusing 3 records" in said and sorted(im.explained) == [3, 4, 5]
+    assert sorted(_records(tmp_path)) == list(range(6))
+
+
+def test_a_lock_held_elsewhere_is_refused_and_freed_when_its_owner_dies(tmp_path):
+    proc = _hold(tmp_path / ".lock")
+    try:
+        with pytest.raises(FolderLockedError, match=rf"process {proc.pid} on "):
+            FolderLock(tmp_path / ".lock", "output folder").acquire()
     finally:
         proc.kill()
         proc.wait()
-    _predict(im, _loader(x, y), tmp_path)  # the owner died: its lock is free
-    assert sorted(_records(tmp_path)) == list(range(6))
+    with FolderLock(tmp_path / ".lock", "output folder") as lock:
+        assert lock.held
 
 
 def test_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
@@ -297,3 +340,58 @@ def test_index_and_factor_folders_are_locked_while_written(tmp_path):
     ):
         save_factors(tmp_path / "factors", KFACFactors.__new__(KFACFactors), {})
     assert not (tmp_path / "factors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ correct --pool
+def test_correct_over_another_pool_does_not_overwrite_the_previous_output(tmp_path):
+    from _models import _digits
+
+    from lightning_fastif.applications.correct.loop import CorrectionSettings
+    from lightning_fastif.applications.correct.slice import SliceSpec
+    from lightning_fastif.cli.correct import run_correct
+
+    torch.manual_seed(0)
+    x, y = _digits(300)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(40):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:150]), y[:150]).backward()
+        opt.step()
+    model.eval()
+    splits = {
+        "train": TensorDataset(x[:150], y[:150]),
+        "val": TensorDataset(x[150:220], y[150:220]),
+        "test": TensorDataset(x[220:], y[220:]),
+    }
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(splits["train"], batch_size=32)
+
+        def val_dataloader(self):
+            return DataLoader(splits["val"], batch_size=32)
+
+        def test_dataloader(self):
+            return DataLoader(splits["test"], batch_size=32)
+
+    with torch.no_grad():
+        wrong = (model(x[220:]).argmax(1) != y[220:]).nonzero().flatten().tolist()
+    assert len(wrong) >= 4
+    settings = CorrectionSettings(
+        steps=1, anchors_per_step=2, examples_per_step=3, lr=0.05, seeds=[0], methods=["helpful"]
+    )
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    im = lf.InfluenceModule(
+        model, splits["train"], params=["2.*"], solver=lf.ExactSolver(damping=0.01), num_candidates=20
+    )
+    spec = SliceSpec(kind="ids", ids=wrong[:6], split="test")
+    out = tmp_path / "correct"
+    run_correct(trainer, im, Data(), spec, settings, None, str(out), report=False)
+    first = (out / "correction.json").read_bytes()
+    run_correct(trainer, im, Data(), spec, settings, "val", str(out), report=False)
+    assert (out / "correction.json").read_bytes() == first, (
+        "correct --pool=val overwrote the train-pool output"
+    )
+    pooled = json.loads((out / "pool-val" / "correction.json").read_text())
+    assert (out / "pool-val" / "corrected.ckpt").is_file() and pooled["summary"]

@@ -429,6 +429,11 @@ def main(args: list[str] | None = None) -> None:
         os.environ["LIGHTNING_FASTIF_DEBUG"] = "1"  # DDP ranks re-run the command without the flag
     try:
         threads = pop_option(argv, "--threads")
+        for i, arg in enumerate(
+            argv
+        ):  # `influence --overwrite` as a flag (jsonargparse wants a value for a bool)
+            if arg == "--overwrite" and (i + 1 == len(argv) or argv[i + 1].lower() not in ("true", "false")):
+                argv[i] = "--overwrite=true"
         if args is None:  # Lightning reads sys.argv (and DDP's popen re-runs it): keep only its own arguments
             sys.argv[1:] = argv or ["--help"]
         set_num_threads("auto" if threads is None else threads)
