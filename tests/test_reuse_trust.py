@@ -268,6 +268,7 @@ trainer.predict(im, _loader(x, y), return_predictions=False)
 """
 
 
+@pytest.mark.slow
 def test_two_influence_runs_on_one_folder_at_once_the_second_fails_naming_the_owner(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(

@@ -283,7 +283,7 @@ class InfluenceWriter(BasePredictionWriter):
                 continue
             if qid in self.done:
                 extra = getattr(r, "extra", None)
-                if not isinstance(extra, dict) or extra.get(QUERY_DIGEST) == self._digests.get(qid):
+                if not isinstance(extra, dict) or str(extra.get(QUERY_DIGEST, "")) == self._digests.get(qid):
                     continue  # the kept record answers the same query (a module that does not skip)
                 self.replaced.add(qid)  # the query of this id changed: its new record replaces the kept one
             self._seen.add(qid)
@@ -331,6 +331,7 @@ class InfluenceWriter(BasePredictionWriter):
             self._writer = None
         if self._module is not None:
             self._module.skip_query_ids = frozenset()
+            self._module.skip_query_digests = {}
             self._module = None
         if splits_queries(trainer):
             trainer.strategy.barrier("lightning_fastif.influence_writer")
