@@ -317,6 +317,27 @@ def test_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
     assert not path.exists()
 
 
+def test_without_flock_the_lock_file_is_exclusive_and_a_dead_owner_is_taken_over(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # a platform without flock: O_EXCL lock files
+    path = tmp_path / ".out.lock"
+    with FolderLock(path, "output folder") as lock:
+        assert lock.held
+        with pytest.raises(FolderLockedError, match="another writer of this process"):
+            FolderLock(path, "output folder").acquire()
+    assert not path.exists()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    path.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": 0}))
+    with FolderLock(path, "output folder") as lock:  # its owner is gone: taken over
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    path.write_text(json.dumps({"pid": int(dead.stdout), "host": "another-host", "since": 0}))
+    with pytest.raises(FolderLockedError, match=f"process {int(dead.stdout)} on another-host"):
+        FolderLock(path, "output folder").acquire()  # a pid of another host cannot be checked: refused
+
+
 def test_index_and_factor_folders_are_locked_while_written(tmp_path):
     from lightning_fastif.retrieval.index import TorchIndex
     from lightning_fastif.retrieval.store import save_index
