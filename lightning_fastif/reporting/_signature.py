@@ -58,6 +58,9 @@ def _index_id(index: Any) -> Any:
         value = getattr(index, attr, None)
         if isinstance(value, (int, float, str)):
             out[attr] = value
+    ids = getattr(index, "ids", None)
+    if ids is not None and hasattr(ids, "numpy"):  # the training ids it holds (its vectors are not readable)
+        out["ids_sha256"] = hashlib.sha256(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     return out
 
 
