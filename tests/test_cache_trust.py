@@ -95,3 +95,125 @@ def test_temporary_folders_of_a_killed_factor_save_are_cleaned(tmp_path):
     again = EKFACSolver(damping=1e-2, factors_dir=folder, residual="none")
     torch.testing.assert_close(again.solve(cur, v), x, rtol=1e-12, atol=0)
     assert not stale.exists()
+
+
+# ------------------------------------------------------------------------------------------------ item 2
+def _s_test_reference(model, ds, query, loss_of, params, damping):
+    """float64 ``(H + damping I)^-1 grad L(query)`` with H the exact Hessian of the mean loss (one example at a time).
+
+    ``loss_of(model, batch) -> [B]`` per-example losses; ``params``: the names differentiated (others constant).
+    """
+    from torch.func import functional_call, grad, hessian
+
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    sizes = [base[n].numel() for n in params]
+    theta = torch.cat([base[n].reshape(-1) for n in params])
+
+    def total(flat, batch):
+        ps = dict(base)
+        for n, piece in zip(params, torch.split(flat, sizes)):
+            ps[n] = piece.reshape(base[n].shape)
+        return functional_call(
+            _Bound(model, loss_of), {f"model.{k}": v for k, v in ps.items()}, (batch,)
+        ).sum()
+
+    x, y = ds.tensors
+    h = sum(hessian(total)(theta, (x[i : i + 1], y[i : i + 1])) for i in range(len(x))) / len(x)
+    g = torch.stack(
+        [grad(total)(theta, (query[0][j : j + 1], query[1][j : j + 1])) for j in range(len(query[0]))]
+    )
+    return torch.linalg.solve(h + damping * torch.eye(len(theta), dtype=torch.float64), g.T).T
+
+
+class _Bound(nn.Module):
+    def __init__(self, model, loss_of):
+        super().__init__()
+        self.model, self.loss_of = model, [loss_of]
+
+    def forward(self, batch):
+        return self.loss_of[0](self.model, batch)
+
+
+def _smooth_loss(outputs, batch):
+    return torch.nn.functional.cross_entropy(outputs, batch[1], reduction="none", label_smoothing=0.3)
+
+
+def _scaled_forward(model, batch):
+    return model(2.0 * batch[0])
+
+
+def _solvers():
+    from lightning_fastif import AutoSolver, CGSolver, ExactSolver, LiSSASolver
+    from lightning_fastif.solvers.kronecker import KFACSolver
+
+    return {
+        "exact": lambda: ExactSolver(damping=0.5),
+        "exact_auto_damping": lambda: ExactSolver(damping="auto"),
+        "cg_auto_damping": lambda: CGSolver(damping="auto", tol=1e-10, max_iter=300),
+        "auto": lambda: AutoSolver(),
+        "ekfac": lambda: EKFACSolver(damping=1e-2, residual="none"),
+        "kfac": lambda: KFACSolver(damping=1e-2, residual="none"),
+        "lissa_auto_scale": lambda: LiSSASolver(
+            damping=0.1, scale="auto", depth=8, batch_size=4, calibration_batches=2
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_solvers()))
+def test_one_solver_shared_by_modules_with_other_losses_or_forward_fn_matches_fresh_solvers(name):
+    import warnings
+
+    import lightning_fastif as lf
+
+    model, ds = _mlp_problem(n=24)
+    query = (torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2]))
+    make = _solvers()[name]
+    shared = make()
+    kinds = [{}, {"loss_fn": _smooth_loss}, {"forward_fn": _scaled_forward}, {}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings of the approximate solvers: not what is tested
+        for kw in kinds:  # the last one goes back to the first loss: the shared solver's cache must follow
+            got = lf.InfluenceModule(
+                model, ds, solver=shared, num_candidates=None, progress=False, **kw
+            ).s_test(query)
+            fresh = lf.InfluenceModule(
+                model, ds, solver=make(), num_candidates=None, progress=False, **kw
+            ).s_test(query)
+            torch.testing.assert_close(got, fresh, rtol=1e-9, atol=1e-12)
+    if name == "exact":  # and the fresh answer is the float64 reference, for each loss
+        names = [n for n, _ in model.named_parameters()]
+        for kw, loss_of in (
+            ({}, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")),
+            ({"loss_fn": _smooth_loss}, lambda m, b: _smooth_loss(m(b[0]), b)),
+            (
+                {"forward_fn": _scaled_forward},
+                lambda m, b: torch.nn.functional.cross_entropy(m(2.0 * b[0]), b[1], reduction="none"),
+            ),
+        ):
+            im = lf.InfluenceModule(model, ds, solver=shared, num_candidates=None, progress=False, **kw)
+            ref = _s_test_reference(model, ds, query, loss_of, names, 0.5)
+            torch.testing.assert_close(im.s_test(query), ref, rtol=1e-7, atol=1e-10)
+
+
+def test_shared_solver_follows_frozen_weights_and_batchnorm_statistics():
+    """Only the head is differentiated: the rest of the model (a frozen weight, BatchNorm's running statistics) still
+    shapes the curvature, so a shared solver must not reuse a factorisation made before they changed."""
+    import lightning_fastif as lf
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(24, 4, dtype=torch.float64), torch.randint(0, 3, (24,))
+    ds = TensorDataset(x, y)
+    query = (x[:2] + 0.1, y[:2])
+    shared = lf.ExactSolver(damping=1e-2)
+
+    def s_test(solver):
+        return lf.InfluenceModule(model, ds, params=["3.*"], solver=solver, num_candidates=None).s_test(query)
+
+    s_test(shared)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # frozen (unselected) weight
+    torch.testing.assert_close(s_test(shared), s_test(lf.ExactSolver(damping=1e-2)), rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        model[1].running_var.mul_(3.0)  # a buffer
+    torch.testing.assert_close(s_test(shared), s_test(lf.ExactSolver(damping=1e-2)), rtol=1e-10, atol=1e-12)

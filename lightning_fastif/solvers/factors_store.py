@@ -146,6 +146,15 @@ def mismatches(meta: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     """What differs between a saved folder's meta and the current run, one phrase per field."""
     out = []
     for key in COMPARED:
+        if key == "data_fingerprint" and key in expected:
+            from lightning_fastif.functional.params import dataset_fingerprint_diffs
+
+            if isinstance(meta.get(key), dict) and isinstance(expected[key], dict):
+                out += [
+                    f"data_fingerprint differs (other training data: {d})"
+                    for d in dataset_fingerprint_diffs(meta[key], expected[key])
+                ]
+                continue
         if key in expected and meta.get(key) != expected[key]:
             if key in ("model_fingerprint", "data_fingerprint"):
                 out.append(
