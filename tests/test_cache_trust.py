@@ -217,3 +217,200 @@ def test_shared_solver_follows_frozen_weights_and_batchnorm_statistics():
     with torch.no_grad():
         model[1].running_var.mul_(3.0)  # a buffer
     torch.testing.assert_close(s_test(shared), s_test(lf.ExactSolver(damping=1e-2)), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ item 3
+def test_dataset_fingerprint_covers_every_in_memory_byte():
+    from _models import DictDataset
+    from torch.utils.data import ConcatDataset, Subset
+
+    from lightning_fastif.functional.params import DATA_SAMPLE, dataset_fingerprint
+
+    torch.manual_seed(0)
+    x, y = torch.randn(500, 3), torch.zeros(500, dtype=torch.long)
+    ds = TensorDataset(x, y)
+    before = dataset_fingerprint(ds)
+    sampled = {round(i * 499 / (DATA_SAMPLE - 1)) for i in range(DATA_SAMPLE)}
+    i, j = next((k, k + 1) for k in range(1, 499) if k not in sampled and k + 1 not in sampled)
+    x[[i, j]] = x[[j, i]]  # two same-label rows, both outside the sample
+    after = dataset_fingerprint(ds)
+    assert after["labels"] == before["labels"] and after["inputs"] == before["inputs"]  # what the sample sees
+    assert after["content"] != before["content"]
+    # datasets holding their data in attributes, subsets and concatenations are covered in full too
+    dd = DictDataset(input_ids=torch.arange(400).reshape(100, 4), labels=torch.zeros(100, dtype=torch.long))
+    fp = dataset_fingerprint(dd)["content"]
+    dd.tensors["input_ids"][50, 1] += 1
+    assert dataset_fingerprint(dd)["content"] != fp
+    sub = Subset(ds, list(range(0, 500, 2)))
+    cat = ConcatDataset([ds, dd])
+    fp_sub, fp_cat = dataset_fingerprint(sub)["content"], dataset_fingerprint(cat)["content"]
+    sub.indices[3] = 1
+    assert dataset_fingerprint(sub)["content"] != fp_sub
+    x[10, 0] += 1.0
+    assert dataset_fingerprint(cat)["content"] != fp_cat
+
+    # a dataset with no in-memory arrays has no content digest (only the sample covers it)
+    class Computed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.full((2,), float(i)), i
+
+    assert dataset_fingerprint(Computed())["content"] is None
+
+
+def test_training_data_changed_in_place_recomputes_the_cached_curvature_bn_cnn(caplog):
+    """The BatchNorm CNN, Exact on its head: after the first influence() the training inputs change in place; the
+    second call must equal a fresh module's (it reused the first factorisation before: scores 0.38-5.9x off)."""
+    import logging
+
+    from _models import bn_cnn
+
+    import lightning_fastif as lf
+
+    model, train, query = bn_cnn(n_train=64)
+    model = model.double()
+    train = TensorDataset(train.tensors[0].double(), train.tensors[1])
+
+    def module(solver):
+        return lf.InfluenceModule(
+            model, train, params=["fc.*"], solver=solver, num_candidates=None, progress=False
+        )
+
+    im = module(lf.ExactSolver(damping=1e-2))
+    first = im.influence(query)
+    with torch.no_grad():
+        train.tensors[0][:32] = train.tensors[0][:32].flip(
+            -1
+        )  # in place: the same dataset object, same length
+    with caplog.at_level(logging.INFO):
+        second = im.influence(query)
+    fresh = module(lf.ExactSolver(damping=1e-2)).influence(query)
+    torch.testing.assert_close(second, fresh, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(first, second)
+    assert "the training data held in memory differs" in caplog.text and "recomputing" in caplog.text
+
+
+def _head_problem(tmp_path):
+    from _models import tuple_net
+
+    import lightning_fastif as lf
+
+    model, train, query = tuple_net(n_train=300)
+    folder = tmp_path / "index"
+    lf.FeatureIndexCallback(folder, forward_fn=_logits).build(model, train)
+    return model, train, query, folder
+
+
+def _logits(model, batch):
+    return model(batch[0])[1]  # tuple_net's forward returns (features, logits)
+
+
+def _swap_same_label_rows(train):
+    """Swap two same-label rows outside the 64-row sample of ``dataset_fingerprint`` (labels and sample unchanged)."""
+    from lightning_fastif.functional.params import DATA_SAMPLE
+
+    x, y = train.tensors
+    n = len(x)
+    sampled = {round(i * (n - 1) / (DATA_SAMPLE - 1)) for i in range(DATA_SAMPLE)}
+    free = [i for i in range(n) if i not in sampled]
+    i, j = next((a, b) for a in free for b in free if a < b and y[a] == y[b] and not torch.equal(x[a], x[b]))
+    with torch.no_grad():
+        x[[i, j]] = x[[j, i]]
+    return i, j
+
+
+def test_rows_swapped_after_the_index_was_built_are_refused_on_the_head_path(tmp_path):
+    """The (features, logits) model on the head fast path with an index folder: two same-label rows swapped in place
+    pass the labels and the 64-row sample, and the head path used to score with the stale cached features."""
+    import lightning_fastif as lf
+    from lightning_fastif.errors import IndexMismatchError
+
+    model, train, query, folder = _head_problem(tmp_path)
+    im = lf.InfluenceModule(
+        model,
+        train,
+        params=["head.*"],
+        solver=lf.ExactSolver(damping=1e-2),
+        num_candidates=50,
+        index=folder,
+        forward_fn=_logits,
+    )
+    im.explain(query)
+    assert im._head_fast_path(im._theta()[1]) is not None  # the cached-feature path is the one in use
+    i, j = _swap_same_label_rows(train)
+    with pytest.raises(IndexMismatchError, match="training data held in memory differs.*Rebuild it"):
+        im.explain(query)
+    # scores of given training ids need no index: they are computed on the changed data (jvp), never the cache
+    ids = torch.tensor([i, j, 0])
+    jvp = lf.InfluenceModule(
+        model,
+        train,
+        params=["head.*"],
+        solver=lf.ExactSolver(damping=1e-2),
+        num_candidates=None,
+        score_method="jvp",
+        forward_fn=_logits,
+    ).influence(query, train_indices=ids)
+    torch.testing.assert_close(im.influence(query, train_indices=ids), jvp, rtol=1e-5, atol=1e-7)
+    # a new module on the same folder is refused too (the folder's fingerprint covers every byte)
+    with pytest.raises(IndexMismatchError, match="training data held in memory differs"):
+        lf.InfluenceModule(
+            model,
+            train,
+            params=["head.*"],
+            solver=lf.ExactSolver(damping=1e-2),
+            num_candidates=50,
+            index=folder,
+            forward_fn=_logits,
+        ).explain(query)
+    # after a rebuild the answers are those of a fresh module scoring with fresh features
+    lf.FeatureIndexCallback(folder, forward_fn=_logits).build(model, train)
+    got = im.explain(query)
+    fresh = lf.InfluenceModule(
+        model,
+        train,
+        params=["head.*"],
+        solver=lf.ExactSolver(damping=1e-2),
+        num_candidates=50,
+        index=folder,
+        forward_fn=_logits,
+    ).explain(query)
+    for a, b in zip(got, fresh):
+        assert a.harmful_ids == b.harmful_ids and a.helpful_ids == b.helpful_ids
+        torch.testing.assert_close(torch.tensor(a.harmful_scores), torch.tensor(b.harmful_scores))
+
+
+def test_rows_swapped_under_an_in_memory_index_rebuild_it_and_match_the_jvp_scores():
+    """index=None (built in memory with cached features): after a swap the index and its cache are rebuilt, and the
+    head path's scores equal the jvp path's on the changed data."""
+    from _models import tuple_net
+
+    import lightning_fastif as lf
+
+    model, train, query = tuple_net(n_train=300)
+    im = lf.InfluenceModule(
+        model,
+        train,
+        params=["head.*"],
+        solver=lf.ExactSolver(damping=1e-2),
+        num_candidates=40,
+        forward_fn=_logits,
+    )
+    im.explain(query)
+    i, j = _swap_same_label_rows(train)
+    ids = torch.tensor([i, j, 0, 5])
+    im.explain(query)  # rebuilds the in-memory index and its cached features
+    head = im.influence(query, train_indices=ids)
+    assert im._head_fast_path(im._theta()[1]) is not None
+    jvp = lf.InfluenceModule(
+        model,
+        train,
+        params=["head.*"],
+        solver=lf.ExactSolver(damping=1e-2),
+        num_candidates=None,
+        score_method="jvp",
+        forward_fn=_logits,
+    ).influence(query, train_indices=ids)
+    torch.testing.assert_close(head, jvp, rtol=1e-4, atol=1e-6)

@@ -179,7 +179,7 @@ def _content(h: Any, value: Any, depth: int, seen: set[int]) -> int:
     dataset, a ``ConcatDataset``'s parts); lists, tuples and dicts are entered; plain values (file names, label
     lists) are hashed by value; anything else (a transform, a tokenizer) by its type name only.
     """
-    if id(value) in seen or depth > 4:
+    if id(value) in seen or depth > 12:
         return 0
     if isinstance(value, (Tensor, np.ndarray)):
         seen.add(id(value))
