@@ -414,3 +414,56 @@ def test_rows_swapped_under_an_in_memory_index_rebuild_it_and_match_the_jvp_scor
         forward_fn=_logits,
     ).influence(query, train_indices=ids)
     torch.testing.assert_close(head, jvp, rtol=1e-4, atol=1e-6)
+
+
+class _FileRows(torch.utils.data.Dataset):
+    """Examples read from one file each (no array in memory): only a full read can tell two rows were swapped."""
+
+    def __init__(self, folder, n):
+        self.folder, self.n = folder, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x, y = torch.load(self.folder / f"{i}.pt")
+        return x, y
+
+
+def test_rows_swapped_on_disk_after_the_index_was_built_are_refused(tmp_path):
+    """A dataset that reads its rows from files: the index folder records a hash of every row, and a module loading
+    it after two same-label files were swapped (outside the 64-row sample) refuses it."""
+    import lightning_fastif as lf
+    from lightning_fastif.errors import IndexMismatchError
+    from lightning_fastif.functional.params import DATA_SAMPLE
+
+    model, train, query = __import__("_models").tuple_net(n_train=150, steps=5)
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    x, y = train.tensors
+    for i in range(len(x)):
+        torch.save((x[i].clone(), y[i].clone()), rows / f"{i}.pt")
+    ds = _FileRows(rows, len(x))
+    folder = tmp_path / "index"
+    lf.FeatureIndexCallback(folder, forward_fn=_logits).build(model, ds)
+
+    def module():
+        return lf.InfluenceModule(
+            model,
+            ds,
+            params=["head.*"],
+            solver=lf.ExactSolver(damping=1e-2),
+            num_candidates=20,
+            index=folder,
+            forward_fn=_logits,
+        )
+
+    module().explain(query)  # the same rows: accepted
+    sampled = {round(k * (len(x) - 1) / (DATA_SAMPLE - 1)) for k in range(DATA_SAMPLE)}
+    free = [k for k in range(len(x)) if k not in sampled]
+    i, j = next((a, b) for a in free for b in free if a < b and y[a] == y[b] and not torch.equal(x[a], x[b]))
+    (rows / f"{i}.pt").rename(rows / "tmp.pt")
+    (rows / f"{j}.pt").rename(rows / f"{i}.pt")
+    (rows / "tmp.pt").rename(rows / f"{j}.pt")
+    with pytest.raises(IndexMismatchError, match="training examples differ \\(every row read.*Rebuild it"):
+        module().explain(query)

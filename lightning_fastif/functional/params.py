@@ -235,13 +235,20 @@ def callable_identity(fn: Any) -> str:
     return f"{module}.{name}@{id(fn):x}"
 
 
-def dataset_fingerprint(dataset: Any, sample: int = DATA_SAMPLE) -> dict[str, Any]:
+def dataset_fingerprint(dataset: Any, sample: int = DATA_SAMPLE, read_all: bool = False) -> dict[str, Any]:
     """A fingerprint of a training set: its labels, a sample of its examples, and all its in-memory data.
 
     The labels of a ``TensorDataset`` (second tensor) are hashed in full and the examples at ``sample`` evenly
     spaced positions (for any dataset: that reads ``__getitem__``, so transforms are covered). ``content`` is
     :func:`data_content_digest`: every in-memory array of the dataset, in full (None for a dataset that reads its
-    examples from files; only the sample covers those).
+    examples from files; only the sample covers those, unless ``read_all``).
+
+    Args:
+        dataset: a map-style dataset.
+        sample: how many evenly spaced examples to read.
+        read_all: for a dataset without in-memory arrays, read every example and hash it as ``content``
+            (``"rows:<sha256>"``): what an index folder or saved factors record, since they cache something of
+            every row.
 
     Returns:
         ``{"labels": sha256 hex, "inputs": sha256 hex, "sample": positions read, "content": sha256 hex or None}``.
@@ -276,12 +283,13 @@ def dataset_fingerprint(dataset: Any, sample: int = DATA_SAMPLE) -> dict[str, An
                 _digest(h_in, [item[0], *item[2:]])
             else:
                 _digest(h_in, item)
-    return {
-        "labels": h_lab.hexdigest(),
-        "inputs": h_in.hexdigest(),
-        "sample": len(pos),
-        "content": data_content_digest(dataset),
-    }
+    content = data_content_digest(dataset)
+    if content is None and read_all and n:
+        h_all = hashlib.sha256()
+        for i in range(n):
+            _digest(h_all, dataset[i])
+        content = f"rows:{h_all.hexdigest()}"
+    return {"labels": h_lab.hexdigest(), "inputs": h_in.hexdigest(), "sample": len(pos), "content": content}
 
 
 def dataset_fingerprint_diffs(saved: Any, now: Any) -> list[str]:
@@ -297,10 +305,15 @@ def dataset_fingerprint_diffs(saved: Any, now: Any) -> list[str]:
     if saved.get("inputs") != now.get("inputs"):
         out.append(f"the training inputs differ (a sample of {now.get('sample')} examples compared)")
     if saved.get("content") and now.get("content") and saved["content"] != now["content"]:
-        out.append(
-            "the training data held in memory differs (every byte compared: changed in place, reordered or rows "
-            "swapped)"
-        )
+        if str(now["content"]).startswith("rows:"):
+            out.append(
+                "the training examples differ (every row read and compared: changed, reordered or swapped)"
+            )
+        else:
+            out.append(
+                "the training data held in memory differs (every byte compared: changed in place, reordered or rows "
+                "swapped)"
+            )
     elif bool(saved.get("content")) != bool(now.get("content")) and "content" in saved:
         out.append(
             "the training set is not the same kind of dataset (one holds its data in memory, one does not)"

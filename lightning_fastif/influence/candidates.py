@@ -30,6 +30,7 @@ def resolve_candidate_index(module: Any) -> Any:
 
     n = len(module.train_dataset)  # type: ignore[arg-type]
     if isinstance(module.index, (str, os.PathLike)):
+        from lightning_fastif.functional.params import dataset_fingerprint
         from lightning_fastif.influence.trust import current_state
         from lightning_fastif.retrieval.store import load_index
 
@@ -38,7 +39,10 @@ def resolve_candidate_index(module: Any) -> Any:
             "dataset_length": n,
             "model_fingerprint": state["model"],
             "space": "features",
-            "dataset_fingerprint": state["data"],
+            # an index caches something of every row: a dataset without in-memory arrays is read in full here
+            "dataset_fingerprint": state["data"]
+            if state["data"].get("content")
+            else dataset_fingerprint(module.train_dataset, read_all=True),
         }
         if module.feature_layer is not None:
             expected["feature_layer"] = module.feature_layer

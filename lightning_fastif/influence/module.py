@@ -31,7 +31,7 @@ from lightning_fastif.influence.candidates import resolve_candidate_index
 from lightning_fastif.influence.checks import check_arguments, check_training_finite
 from lightning_fastif.influence.head import head_fast_path, head_fast_scores, train_labels
 from lightning_fastif.influence.predict import assemble_results, batch_query_ids, predictions
-from lightning_fastif.influence.trust import current_state, trusted
+from lightning_fastif.influence.trust import curvature_state, trusted
 from lightning_fastif.results import InfluenceResult
 
 __all__ = ["InfluenceModule"]
@@ -200,7 +200,7 @@ class InfluenceModule(pl.LightningModule):
             all_reduce=all_reduce,
             progress=self._progress if self.progress and self.global_rank == 0 else None,
             mode=self.curvature_mode or "auto",
-            state=current_state(self),
+            state=curvature_state(self),
         )
 
     def _timed(self, stage: str, start: float) -> None:

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_fastif.errors import IndexMismatchError
 from lightning_fastif.functional.params import dataset_fingerprint, dataset_fingerprint_diffs, fingerprint
 
-__all__ = ["current_state", "trusted"]
+__all__ = ["current_state", "curvature_state", "trusted"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,7 +38,21 @@ def current_state(im: Any) -> dict[str, Any]:
     state = getattr(im, "_trust_state", None)
     if state is not None:
         return state
-    return {"model": fingerprint(im.model), "data": dataset_fingerprint(im.train_dataset)}
+    return {
+        "model": fingerprint(im.model),
+        "data": dataset_fingerprint(im.train_dataset),
+        "dataset_id": id(im.train_dataset),
+    }
+
+
+def curvature_state(im: Any) -> dict[str, Any]:
+    """The fingerprints a :class:`TrainingCurvature` of ``im.train_dataset`` may take from the running call: the
+    model's always, the data's only when it is the dataset fingerprinted (a pool module's curvature swaps in its
+    training set: its own data is then fingerprinted by the curvature)."""
+    state = current_state(im)
+    if state.get("dataset_id") == id(im.train_dataset):
+        return {"model": state["model"], "data": state["data"]}
+    return {"model": state["model"]}
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

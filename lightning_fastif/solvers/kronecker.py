@@ -288,7 +288,7 @@ class _KroneckerSolver(Solver):
             "param_names": list(curvature.spec.names),
             "dataset_length": curvature.num_examples,
             "model_fingerprint": fingerprint(model),
-            "data_fingerprint": dataset_fingerprint(curvature.dataset),
+            "data_fingerprint": dataset_fingerprint(curvature.dataset, read_all=True),
         }
 
 

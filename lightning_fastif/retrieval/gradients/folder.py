@@ -100,7 +100,7 @@ def build_gradient_index(
         "feature_layer": sketcher.layer,
         "dataset_length": n,
         "model_fingerprint": fingerprint(model),
-        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "dataset_fingerprint": dataset_fingerprint(dataset, read_all=True),
         "space": "gradients",
         "sketch": {**sketcher.settings(), "float16": bool(float16)},
     }

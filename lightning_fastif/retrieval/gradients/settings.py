@@ -75,7 +75,7 @@ def module_gradient_index(module: Any) -> GradientIndex:
             expected={
                 "dataset_length": n,
                 "model_fingerprint": fingerprint(module.model),
-                "dataset_fingerprint": dataset_fingerprint(module.train_dataset),
+                "dataset_fingerprint": dataset_fingerprint(module.train_dataset, read_all=True),
             },
             sketcher=sketcher({**found, "dim": found.get("requested_dim", DEFAULT_DIM)}) if found else None,
         )
