@@ -467,3 +467,33 @@ def test_rows_swapped_on_disk_after_the_index_was_built_are_refused(tmp_path):
     (rows / "tmp.pt").rename(rows / f"{j}.pt")
     with pytest.raises(IndexMismatchError, match="training examples differ \\(every row read.*Rebuild it"):
         module().explain(query)
+
+
+def test_an_index_object_used_before_the_data_changed_is_refused():
+    """An index passed as an object cannot be rebuilt by the module: after the rows it indexed changed, a clear
+    error says to rebuild it (instead of searching stale features)."""
+    from _models import tuple_net
+
+    import lightning_fastif as lf
+    from lightning_fastif.errors import IndexMismatchError
+    from lightning_fastif.retrieval.build import build_index
+
+    model, train, query = tuple_net(n_train=150, steps=5)
+    index = build_index(model, train, forward_fn=_logits).index
+    im = lf.InfluenceModule(
+        model,
+        train,
+        params=["head.*"],
+        solver=lf.ExactSolver(damping=1e-2),
+        num_candidates=20,
+        index=index,
+        forward_fn=_logits,
+    )
+    im.explain(query)
+    _swap_same_label_rows(train)
+    with pytest.raises(
+        IndexMismatchError, match="passed as `index`.*training data held in memory differs.*rebuild"
+    ):
+        im.explain(query)
+    with pytest.raises(IndexMismatchError, match="passed as `index`"):  # every time, not only once
+        im.explain(query)
