@@ -79,7 +79,7 @@ class IndexMeta:
     dataset_length: int | None = None
     model_fingerprint: str | None = None
     dataset_fingerprint: dict[str, Any] | None = (
-        None  # functional.params.dataset_fingerprint: labels, input sample
+        None  # functional.params.dataset_fingerprint: labels, input sample, content (every in-memory byte or row)
     )
     dim: int | None = None
     ntotal: int | None = None
