@@ -38,6 +38,7 @@ from lightning_fastif.influence.candidates import resolve_candidate_index
 from lightning_fastif.influence.checks import check_arguments, check_training_finite
 from lightning_fastif.influence.head import head_fast_path, head_fast_scores, train_labels
 from lightning_fastif.influence.predict import assemble_results, batch_query_ids, predictions
+from lightning_fastif.influence.trust import curvature_state, trusted
 from lightning_fastif.results import InfluenceResult
 
 __all__ = ["InfluenceModule"]
@@ -155,6 +156,10 @@ class InfluenceModule(pl.LightningModule):
         self._train_labels: Tensor | None = None
         self._feature_layer_name: str | None = None
         self._query_offsets: dict[int, int] = {}
+        self._trust_state: dict[str, Any] | None = (
+            None  # model and data fingerprints of the running public call
+        )
+        self._trust_last: tuple[str, dict[str, Any]] | None = None  # ...and of the last one (influence.trust)
 
     # ---------------------------------------------------------------------------------------- plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -205,6 +210,7 @@ class InfluenceModule(pl.LightningModule):
             all_reduce=all_reduce,
             progress=self._progress if self.progress and self.global_rank == 0 else None,
             mode=self.curvature_mode or "auto",
+            state=curvature_state(self),
         )
 
     def _timed(self, stage: str, start: float) -> None:
@@ -231,6 +237,7 @@ class InfluenceModule(pl.LightningModule):
             )
         return grads
 
+    @trusted
     def s_test(self, batch: Any) -> Tensor:
         """``s_test = (H + damping I)^{-1} grad L(z_test)`` for each query example: ``[B, P]``.
 
@@ -276,6 +283,7 @@ class InfluenceModule(pl.LightningModule):
             Subset(self.train_dataset, ids), batch_size=self.score_batch_size, collate_fn=self.collate_fn
         )
 
+    @trusted
     def score(self, s_test: Tensor, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """Influence ``[Q, n]`` of the training examples ``train_indices`` (all N if None) on each s_test row."""
         n = len(self.train_dataset)  # type: ignore[arg-type]
@@ -318,6 +326,7 @@ class InfluenceModule(pl.LightningModule):
     ) -> Tensor:
         return head_fast_scores(self, head, spec, s_test, ids)
 
+    @trusted
     def influence(self, batch: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """``I(z_i, z_test) = -grad L(z_i) . s_test(z_test)`` for the given training ids (all N if None): ``[B, n]``.
 
@@ -326,12 +335,14 @@ class InfluenceModule(pl.LightningModule):
         return self.score(self.s_test(batch), train_indices)
 
     # ---------------------------------------------------------------------------------------- candidates
+    @trusted
     def candidate_index(self) -> Any:
         """The kNN index (loaded from ``index``, or built in memory from the training set when none was given)."""
         if self._candidates is not None:
             return self._candidates
         return resolve_candidate_index(self)
 
+    @trusted
     def query_features(self, batch: Any) -> Tensor:
         """Penultimate features ``[B, d]`` of a query batch (the input of the indexed feature layer)."""
         from lightning_fastif.retrieval.features import extract_features
@@ -339,6 +350,7 @@ class InfluenceModule(pl.LightningModule):
         self.candidate_index()
         return extract_features(self.model, [batch], self._feature_layer_name, forward_fn=self.forward_fn)
 
+    @trusted
     def search(self, batch: Any, s_test: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(distances [B, k], training ids [B, k])`` of the ``num_candidates`` nearest training examples.
 
@@ -450,6 +462,7 @@ class InfluenceModule(pl.LightningModule):
             r.extra["query_sha256"] = d
         return results
 
+    @trusted
     def explain_group(self, batch: Any, query_ids: Sequence[int] | None = None) -> InfluenceResult:
         """One result for the mean loss of ``batch`` (a group query: one s_test); its ``group`` lists the members.
 
@@ -459,6 +472,7 @@ class InfluenceModule(pl.LightningModule):
 
         return explain_group(self, batch, query_ids)
 
+    @trusted
     def explain(self, batch: Any, query_ids: Sequence[int] | None = None) -> list[InfluenceResult]:
         """:meth:`predict_step` without a Trainer: results for every example of ``batch``."""
         batch = self._prepare(batch)
