@@ -25,7 +25,7 @@ from torch.utils.data.dataloader import default_collate
 
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import fetch, move_to
-from lightning_fastif.functional.ggn import basis_rows, batch_ggn_vp
+from lightning_fastif.functional.ggn import GGN_METHODS, basis_rows, batch_ggn_vp, output_hessian_of
 from lightning_fastif.functional.grads import Loss
 from lightning_fastif.functional.hvp import add_batch_hessian, batch_hvp, saved_graph_bytes
 from lightning_fastif.functional.params import ParamSpec
@@ -89,7 +89,14 @@ class TrainingCurvature:
         progress: optional ``callback(stage, done, total)``.
         mode: ``"hessian"``, ``"gauss_newton"`` or ``"auto"`` (computes as ``"hessian"``; the auto solver may
             switch it with :meth:`with_mode`).
+
+    Attributes:
+        ggn_method: how Gauss-Newton products are taken: ``"fused"`` (default: one forward with dual tensors or one
+            double backward, closed-form output Hessians; see :mod:`~lightning_fastif.functional.ggn`) or
+            ``"functorch"`` (the first implementation, kept as the reference the benchmarks compare against).
     """
+
+    ggn_method: str = "fused"
 
     def __init__(
         self,
@@ -126,6 +133,7 @@ class TrainingCurvature:
         self.mode = mode
         self._key: str | None = None
         self._split: Any = None
+        self._output_hessian = output_hessian_of(loss)
         if mode == "gauss_newton":
             self._split = self._loss_split()
 
@@ -212,10 +220,27 @@ class TrainingCurvature:
             raise RuntimeError("internal: empty shard must be handled by the caller")
         return total
 
+    def _ggn_vp(self, batch: Any, vectors: Tensor, reduction: str) -> Tensor:
+        if self.ggn_method not in GGN_METHODS:
+            raise ConfigurationError(
+                f"Expected `ggn_method` to be 'fused' or 'functorch', but got {self.ggn_method!r}."
+            )
+        outputs_fn, loss_of_outputs = self._split
+        return batch_ggn_vp(
+            outputs_fn,
+            loss_of_outputs,
+            self.theta,
+            self.spec,
+            batch,
+            vectors,
+            reduction,
+            output_hessian=self._output_hessian,
+            method=self.ggn_method,
+        )
+
     def _batch_product(self, batch: Any, vectors: Tensor, reduction: str) -> Tensor:
         if self.kind == "gauss_newton":
-            outputs_fn, loss_of_outputs = self._split
-            return batch_ggn_vp(outputs_fn, loss_of_outputs, self.theta, self.spec, batch, vectors, reduction)
+            return self._ggn_vp(batch, vectors, reduction)
         return batch_hvp(self.loss, self.theta, self.spec, batch, vectors, reduction=reduction)
 
     def hvp(self, vectors: Tensor) -> Tensor:
@@ -276,12 +301,9 @@ class TrainingCurvature:
             n_batches = -(-len(range(self.rank, self.num_examples, self.world_size)) // self.batch_size)
             for i, batch in enumerate(self.shard_batches()):
                 if self.kind == "gauss_newton":
-                    outputs_fn, loss_of_outputs = self._split
                     for at in range(0, p, k):
                         rows = basis_rows(at, min(k, p - at), p, self.theta)
-                        out[at : at + rows.shape[0]] += batch_ggn_vp(
-                            outputs_fn, loss_of_outputs, self.theta, self.spec, batch, rows, "sum"
-                        )
+                        out[at : at + rows.shape[0]] += self._ggn_vp(batch, rows, "sum")
                         del rows
                 else:
                     add_batch_hessian(self.loss, self.theta, self.spec, batch, out, k, reduction="sum")
