@@ -592,3 +592,48 @@ def test_gradient_index_calls_the_model_through_forward_fn(tmp_path):
     for got, want in zip(knn.explain(query), full.explain(query)):
         assert got.helpful_ids == want.helpful_ids and got.harmful_ids == want.harmful_ids
         assert got.extra["candidates"] == "gradients"
+
+
+def test_kronecker_sketch_of_gpt2_conv1d_layers_matches_explicit_per_example_gradients():
+    """GPT-2's ``Conv1D`` (weight ``[in, out]``) is a Kronecker layer: sketches and queries against a float64 loop."""
+    from _models import DictDataset
+    from torch.utils.data.dataloader import default_collate
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2, n_inner=12, num_labels=3, pad_token_id=0,
+        use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2ForSequenceClassification(cfg).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 20, (9, 5), generator=g)
+    ds = DictDataset(
+        input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.randint(0, 3, (9,), generator=g)
+    )
+    patterns = ["transformer.h.0.attn.c_attn.*", "transformer.h.0.mlp.c_proj.weight"]
+    loss = resolve_loss(model)
+    params = select_params(model, patterns)
+    spec = ParamSpec.of(params)
+    theta = spec.flatten(params)
+    ref = torch.stack(
+        [torch.func.grad(lambda t, b: loss(spec.unflatten(t), b).sum())(theta, default_collate([ds[i]])) for i in range(9)]
+    )  # fmt: skip
+    s = torch.randn(2, spec.numel, generator=g, dtype=torch.float64)
+    exact = GradientSketcher(model, loss, patterns, "kronecker", dim=10**6)
+    assert [n for n, _ in exact.layers] == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"]
+    x, _, _ = exact.sketch_rows(ds, batch_size=4)
+    torch.testing.assert_close(x.double() @ exact.query(s).double().T, ref @ s.T, rtol=1e-4, atol=1e-6)
+    # projected: the sketch is vec(R_g [G_W^T | g_b] R_a^T) with the Conv1D weight gradient transposed
+    sk = GradientSketcher(model, loss, patterns, "kronecker", dim=40, seed=3)
+    xs, _, _ = sk.sketch_rows(ds, batch_size=4)
+    parts, want = spec.unflatten(ref), []
+    for name, proj in sk.layers:
+        cols = [parts[f"{name}.weight"].transpose(1, 2)]
+        if proj.bias:
+            cols.append(parts[f"{name}.bias"].unsqueeze(-1))
+        full = torch.cat(cols, -1)
+        ra = torch.eye(proj.in_dim, dtype=torch.float64) if proj.r_in is None else proj.r_in.double()
+        rg = torch.eye(proj.out_dim, dtype=torch.float64) if proj.r_out is None else proj.r_out.double()
+        want.append((rg @ full @ ra.T).flatten(1))
+    torch.testing.assert_close(xs.double(), torch.cat(want, 1), rtol=1e-4, atol=1e-6)
