@@ -538,3 +538,30 @@ def test_conv1d_ekfac_solve_equals_the_equivalent_linear_layers():
         got = solve_kfac(fc, cur_c.spec, v, 0.05, kind)  # Conv1D layout [in, out]
         want = solve_kfac(fl, cur_l.spec, transpose_weights(cur_c.spec, v), 0.05, kind)
         torch.testing.assert_close(transpose_weights(cur_c.spec, got), want, rtol=1e-9, atol=1e-12)
+
+
+def test_factor_math_dtype_is_float64_on_cpu_float32_on_accelerators_unless_asked(mlp_problem):
+    from lightning_fastif.functional.kfac import math_dtype
+
+    assert math_dtype("cpu") == torch.float64 and math_dtype(torch.device("cuda", 0)) == torch.float32
+    assert (
+        math_dtype("cuda", "float64") == torch.float64 and math_dtype("cpu", torch.float32) == torch.float32
+    )
+    with pytest.raises(ConfigurationError, match="`dtype`.*'float16'"):
+        EKFACSolver(damping=0.1, dtype="float16")
+    model, ds = mlp_problem
+    cur = _curvature(model, ds, batch_size=7)
+    f64, _ = _fit(EKFACSolver, cur, fisher="exact")
+    f32, s32 = _fit(EKFACSolver, cur, fisher="exact", dtype="float32")
+    assert f64.a_cov[f64.slots[0].module].dtype == torch.float64  # the CPU default
+    assert (
+        all(t.dtype == torch.float32 for t in f32.tensors().values()) and s32.config()["dtype"] == "float32"
+    )
+    for s in f64.slots:
+        torch.testing.assert_close(f32.g_cov[s.module].double(), f64.g_cov[s.module], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            f32.corrected[s.module].double(), f64.corrected[s.module], rtol=1e-3, atol=1e-7
+        )
+    v = torch.randn(2, cur.spec.numel, dtype=torch.float64)
+    x32 = solve_kfac(f32, cur.spec, v, 0.1, "ekfac")
+    torch.testing.assert_close(x32, solve_kfac(f64, cur.spec, v, 0.1, "ekfac"), rtol=1e-3, atol=1e-5)

@@ -159,6 +159,7 @@ def capture_batch(
     ids: list[int],
     fisher: str = "true",
     seed: int = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> Captured:
     """Run one batch forward and backward with hooks and return each layer's ``a`` and ``g``.
 
@@ -172,6 +173,7 @@ def capture_batch(
         fisher: ``"true"`` (one sampled label per example), ``"exact"`` (the expectation over labels) or
             ``"empirical"``.
         seed: base seed of the sampled labels.
+        dtype: of the predictive probabilities the labels are drawn from (the factors' math dtype).
     """
     rec = _Recorder(model, slots)
     top: list[Any] = []
@@ -208,7 +210,7 @@ def capture_batch(
                         f"got {None if logits is None else tuple(logits.shape)}. Use `fisher='empirical'`."
                     )
                 roots = [logits]
-                p = torch.softmax(logits.detach().double(), 1)
+                p = torch.softmax(logits.detach().to(dtype), 1)
                 if mode == "sampled_labels":
                     u = _example_noise(seed, ids, (logits.shape[1],), "uniform", p).clamp(1e-12, 1 - 1e-7)
                     sampled = (p.log() - torch.log(-torch.log(u))).argmax(1)  # Gumbel-max: y ~ softmax
