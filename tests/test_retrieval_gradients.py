@@ -127,6 +127,31 @@ def test_dense_projection_is_an_explicit_seeded_matrix_and_unbiased():
         assert abs(float(est.mean()) - float(a @ b)) < 4 * float(est.std()) / 20
 
 
+def test_dense_projection_blocks_are_generated_once_per_device_and_dtype_within_the_budget(monkeypatch):
+    from lightning_fastif.retrieval.gradients import sketch as sketch_mod
+
+    calls = []
+    real = sketch_mod.random_matrix
+    monkeypatch.setattr(sketch_mod, "random_matrix", lambda *a, **k: calls.append(a) or real(*a, **k))
+    x = torch.randn(4, 300, dtype=torch.float64)
+    want = x @ DenseProjection(300, 64, seed=3, block=128).matrix().double().T
+    calls.clear()
+    proj = DenseProjection(300, 64, seed=3, block=128)
+    for _ in range(3):  # float64 inputs: three blocks generated once, kept in float64
+        torch.testing.assert_close(proj(x), want)
+    assert len(calls) == 3 and {k[2] for k in proj._blocks} == {torch.float64}
+    proj(x.float())  # float32 inputs: the same blocks in float32, kept apart
+    assert len(calls) == 6 and {k[2] for k in proj._blocks} == {torch.float32, torch.float64}
+    # over the CPU budget (P > 65,536 at D = 1,024 with the default 256 MiB): regenerated each call, same values;
+    # an accelerator has its own (larger) budget
+    small = DenseProjection(300, 64, seed=3, block=128, cache_bytes=64 * 300 * 8 - 1)
+    calls.clear()
+    torch.testing.assert_close(small(x), want)
+    torch.testing.assert_close(small(x), want)
+    assert len(calls) == 6 and not small._blocks
+    assert small._cacheable(torch.device("cuda", 0), torch.float64)
+
+
 def test_dense_sketcher_projects_the_per_example_gradients(trained):
     model, ds, _ = trained
     ref, spec = _loop_grads(model, ds, None)
