@@ -25,7 +25,13 @@ from torch.utils.data.dataloader import default_collate
 
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import fetch, move_to
-from lightning_fastif.functional.ggn import GGN_METHODS, basis_rows, batch_ggn_vp, output_hessian_of
+from lightning_fastif.functional.ggn import (
+    GGN_FAILURES,
+    GGN_METHODS,
+    basis_rows,
+    batch_ggn_vp,
+    output_hessian_of,
+)
 from lightning_fastif.functional.grads import Loss
 from lightning_fastif.functional.hvp import add_batch_hessian, batch_hvp, saved_graph_bytes
 from lightning_fastif.functional.params import ParamSpec
@@ -93,7 +99,8 @@ class TrainingCurvature:
     Attributes:
         ggn_method: how Gauss-Newton products are taken: ``"fused"`` (default: one forward with dual tensors or one
             double backward, closed-form output Hessians; see :mod:`~lightning_fastif.functional.ggn`) or
-            ``"functorch"`` (the first implementation, kept as the reference the benchmarks compare against).
+            ``"functorch"`` (the first implementation, kept as the reference the benchmarks compare against, and
+            taken from then on when a fused product fails on this model's operators).
     """
 
     ggn_method: str = "fused"
@@ -226,7 +233,7 @@ class TrainingCurvature:
                 f"Expected `ggn_method` to be 'fused' or 'functorch', but got {self.ggn_method!r}."
             )
         outputs_fn, loss_of_outputs = self._split
-        return batch_ggn_vp(
+        args = (
             outputs_fn,
             loss_of_outputs,
             self.theta,
@@ -234,9 +241,16 @@ class TrainingCurvature:
             batch,
             vectors,
             reduction,
-            output_hessian=self._output_hessian,
-            method=self.ggn_method,
+            self._output_hessian,
         )
+        if self.ggn_method == "fused":
+            try:
+                return batch_ggn_vp(*args, method="fused", fallback=False)
+            except GGN_FAILURES:
+                # an operator without a double backward or a forward-mode formula: remembered, so that later
+                # products go straight to the first implementation (which raises a clear error if it fails too)
+                self.ggn_method = "functorch"
+        return batch_ggn_vp(*args, method="functorch")
 
     def _batch_product(self, batch: Any, vectors: Tensor, reduction: str) -> Tensor:
         if self.kind == "gauss_newton":

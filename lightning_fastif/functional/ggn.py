@@ -37,6 +37,7 @@ from lightning_fastif.functional.batch import labels_of
 from lightning_fastif.functional.params import ParamSpec
 
 __all__ = [
+    "GGN_FAILURES",
     "GGN_METHODS",
     "LossOfOutputs",
     "OutputHessian",
@@ -51,7 +52,9 @@ OutputsFn = Callable[[dict[str, Tensor], Any], Any]
 LossOfOutputs = Callable[[Any, Any], Tensor]
 GGN_METHODS = ("fused", "functorch")
 
-_FAILURES = (RuntimeError, NotImplementedError, TypeError)
+GGN_FAILURES = (RuntimeError, NotImplementedError, TypeError)
+"""What a product raises when the model's operators cannot take it (autograd's and torch.func's errors)."""
+_FAILURES = GGN_FAILURES
 
 
 def basis_rows(start: int, count: int, p: int, like: Tensor) -> Tensor:
@@ -175,6 +178,7 @@ def batch_ggn_vp(
     reduction: str = "mean",
     output_hessian: OutputHessian | None = None,
     method: str = "fused",
+    fallback: bool = True,
 ) -> Tensor:
     """``G_b v`` for each row of ``vectors [Q, P]`` -> ``[Q, P]`` (or ``[P]`` -> ``[P]``), with ``G_b`` the
     Gauss-Newton matrix of the batch's mean (or summed, ``reduction="sum"``) loss at ``theta [P]``.
@@ -189,8 +193,9 @@ def batch_ggn_vp(
         reduction: ``"mean"`` or ``"sum"`` over the batch.
         output_hessian: the loss's closed-form output Hessian (:func:`output_hessian_of`), or None to
             differentiate ``loss_of_outputs``.
-        method: ``"fused"`` (one pass, see the module docstring; falls back to ``"functorch"`` for a model whose
-            operators cannot take it) or ``"functorch"`` (the first implementation).
+        method: ``"fused"`` (one pass, see the module docstring) or ``"functorch"`` (the first implementation).
+        fallback: with ``"fused"``, take ``"functorch"`` when the fused pass fails (an operator without a double
+            backward or a forward-mode formula); False lets that failure propagate (the caller may remember it).
 
     Example:
         >>> g = batch_ggn_vp(outputs_fn, loss_of_outputs, theta, spec, batch, torch.eye(theta.numel()))  # [P, P]
@@ -204,6 +209,8 @@ def batch_ggn_vp(
         try:
             res = _fused(outputs_fn, loss_of_outputs, theta, spec, batch, vecs, reduction, output_hessian)
         except _FAILURES:
+            if not fallback:
+                raise
             res = None  # an operator without a double backward or a forward-mode formula: the reference path
     if res is None:
         res = _functorch(outputs_fn, loss_of_outputs, theta, spec, batch, vecs, reduction)
