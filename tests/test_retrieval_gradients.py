@@ -150,6 +150,13 @@ def test_dense_projection_blocks_are_generated_once_per_device_and_dtype_within_
     torch.testing.assert_close(small(x), want)
     assert len(calls) == 6 and not small._blocks
     assert small._cacheable(torch.device("cuda", 0), torch.float64)
+    # a Kronecker projection converts its factors once per device and dtype too
+    kp = KroneckerProjection(5, 3, bias=True, k_in=4, k_out=2, seed=0)
+    a, g = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    first = kp.sketch(a, g)
+    held = dict(kp._copies)
+    torch.testing.assert_close(kp.sketch(a, g), first)
+    assert len(held) == 2 and all(kp._copies[k] is v for k, v in held.items())
 
 
 def test_dense_sketcher_projects_the_per_example_gradients(trained):

@@ -209,6 +209,7 @@ class KroneckerProjection:
         self.k_in, self.k_out = min(int(k_in), self.in_dim), min(int(k_out), self.out_dim)
         self.r_in = self._factor(self.k_in, self.in_dim, _seed(seed, 1), kind)
         self.r_out = self._factor(self.k_out, self.out_dim, _seed(seed, 2), kind)
+        self._copies: dict[tuple[int, str, torch.dtype], Tensor] = {}
 
     @staticmethod
     def _factor(k: int, n: int, seed: int, kind: str) -> Tensor | None:
@@ -218,9 +219,18 @@ class KroneckerProjection:
     def dim(self) -> int:
         return self.k_out * self.k_in
 
-    @staticmethod
-    def _apply(r: Tensor | None, x: Tensor) -> Tensor:
-        return x if r is None else x @ r.to(device=x.device, dtype=x.dtype).T
+    def _on(self, r: Tensor, like: Tensor) -> Tensor:
+        """``r`` on ``like``'s device and dtype, converted once per (matrix, device, dtype) and kept."""
+        if r.device == like.device and r.dtype == like.dtype:
+            return r
+        key = (id(r), str(like.device), like.dtype)
+        got = self._copies.get(key)
+        if got is None:
+            got = self._copies[key] = r.to(device=like.device, dtype=like.dtype)
+        return got
+
+    def _apply(self, r: Tensor | None, x: Tensor) -> Tensor:
+        return x if r is None else x @ self._on(r, x).T
 
     def sketch(self, a: Tensor, g: Tensor) -> Tensor:
         """``a [n, (T,) in]`` and ``g [n, (T,) out]`` -> sketches ``[n, k_out * k_in]``."""
@@ -235,9 +245,9 @@ class KroneckerProjection:
         """``S_W [Q, out, in]`` (and ``s_b [Q, out]`` when ``bias``) -> ``[Q, k_out * k_in]``."""
         s = torch.cat([s_weight, s_bias.unsqueeze(-1)], -1) if self.bias and s_bias is not None else s_weight
         if self.r_in is not None:
-            s = s @ self.r_in.to(device=s.device, dtype=s.dtype).T
+            s = s @ self._on(self.r_in, s).T
         if self.r_out is not None:
-            s = self.r_out.to(device=s.device, dtype=s.dtype) @ s
+            s = self._on(self.r_out, s) @ s
         return s.flatten(1)
 
 
