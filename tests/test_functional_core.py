@@ -315,3 +315,22 @@ def test_hvp_that_no_mode_supports_is_a_clear_error(monkeypatch):
             batch,
             torch.randn(2, spec.numel, dtype=torch.float64),
         )
+
+
+def test_a_pattern_that_names_only_a_tied_weight_says_which_name_to_select():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_fastif.errors import ConfigurationError
+
+    cfg = GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2, n_inner=12)
+    model = GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(
+        ConfigurationError,
+        match=r"lm_head\.weight is transformer\.wte\.weight.*\['transformer\.wte\.weight'\]",
+    ):
+        select_params(model, ["lm_head.*"])
+    with pytest.raises(ConfigurationError, match="matches none") as err:  # an unrelated typo: no tying hint
+        select_params(model, ["lm_haed.*"])
+    assert "tied" not in str(err.value)
+    assert list(select_params(model, ["transformer.wte.weight"])) == ["transformer.wte.weight"]

@@ -58,10 +58,27 @@ def select_params(model: nn.Module, patterns: str | Sequence[str] | None = None)
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
             shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
             raise ConfigurationError(
-                f"Expected every pattern of `params` to match a parameter name, but {pat!r} matches none. "
-                f"Available names: {shown}."
+                f"Expected every pattern of `params` to match a parameter name, but {pat!r} matches none."
+                f"{_tied_hint(model, pat)} Available names: {shown}."
             )
     return {n: p.detach() for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+
+
+def _tied_hint(model: nn.Module, pattern: str) -> str:
+    """Names ``pattern`` matches only as aliases of tied weights (``lm_head.weight`` is ``wte.weight``): a hint."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    tied = [
+        (n, canonical[id(p)])
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if fnmatch.fnmatchcase(n, pattern) and canonical.get(id(p), n) != n
+    ]
+    if not tied:
+        return ""
+    pairs = ", ".join(f"{alias} is {name}" for alias, name in tied[:5])
+    return (
+        f" It matches only tied weights ({pairs}: the same tensor under two names, listed once, under the first):"
+        f" select {sorted({name for _, name in tied})!r} instead."
+    )
 
 
 @dataclass(frozen=True)
