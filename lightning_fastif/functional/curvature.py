@@ -279,7 +279,9 @@ class TrainingCurvature:
             if self.kind == "gauss_newton":
                 outputs_fn, _ = self._split
                 _, nbytes = saved_graph_bytes(lambda: outputs_fn(self.spec.unflatten(t), batch))
-                return 3 * nbytes  # the vjp's graph, a jvp's dual forward, and the pullback's intermediates
+                # the forward graph, the graph of the recorded backward (u -> J^T u) and the batched backwards'
+                # intermediates (the fused product; the first implementation had the same three terms)
+                return 3 * nbytes
 
             def build() -> Tensor:
                 (g,) = torch.autograd.grad(
