@@ -12,10 +12,31 @@ from torch import nn
 
 from lightning_fastif.errors import ConfigurationError
 
-__all__ = ["NON_TTY_INTERVAL_S", "StageProgress", "check_positive_int", "eval_mode"]
+__all__ = ["NON_TTY_INTERVAL_S", "StageProgress", "check_positive_int", "eval_mode", "synchronize"]
 
 NON_TTY_INTERVAL_S = 60.0
 """Seconds between progress lines when stderr is not a terminal (a log file, CI)."""
+
+
+def synchronize(device: Any = None) -> None:
+    """Wait for the work queued on a CUDA device (a no-op elsewhere), so that a wall-clock stage timing counts the
+    kernels it launched rather than only their launch.
+
+    Args:
+        device: a ``torch.device``, a device string, a tensor or a module (its first parameter's device); None
+            means the current CUDA device when CUDA is initialised.
+    """
+    if isinstance(device, nn.Module):
+        device = next((p.device for p in device.parameters()), None)
+    elif isinstance(device, torch.Tensor):
+        device = device.device
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -32,13 +53,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 class StageProgress:
-    """``callback(stage, done, total)`` drawing one tqdm bar per long stage (shown only after 2 s)."""
+    """``callback(stage, done, total)`` drawing one tqdm bar per long stage (shown only after 2 s).
 
-    def __init__(self) -> None:
+    Args:
+        device: where the stages compute; on a CUDA device the queued work is waited for when a stage ends, so its
+            bar's elapsed time is the stage's real time (None: the current CUDA device, if CUDA is in use).
+    """
+
+    def __init__(self, device: Any = None) -> None:
         self.bars: dict[str, Any] = {}
+        self.device = device
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         from tqdm.auto import tqdm
+
+        if done >= total:
+            synchronize(self.device)
 
         bar = self.bars.get(stage)
         if bar is None or bar.total != total or done < bar.n:

@@ -134,6 +134,46 @@ def test_fingerprint_changes_with_one_weight():
     assert fingerprint(model) != a
 
 
+def test_fingerprint_is_hashed_once_per_model_state_and_follows_every_change(monkeypatch):
+    from lightning_fastif.functional import params as params_mod
+
+    calls = []
+    real = params_mod._hash_tensors
+    monkeypatch.setattr(params_mod, "_hash_tensors", lambda ts: calls.append(1) or real(ts))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    first = fingerprint(model)
+    assert fingerprint(model) == first and len(calls) == 1  # the same state: hashed once
+    seen = {first}
+
+    def changed(m: nn.Module = model) -> str:
+        fp = fingerprint(m)
+        assert fp not in seen and fp == real(  # a new digest, and the true one of the new values
+            list(m.named_parameters()) + [(n, b) for n, b in m.named_buffers() if b is not None]
+        )
+        seen.add(fp)
+        return fp
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()  # in place: the version counters move
+    changed()
+    model[0].weight.data[0, 0] += 1.0  # through .data: no version bump, the value moments catch it
+    changed()
+    model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+    changed()
+    model(torch.randn(5, 4))  # train-mode BatchNorm: running statistics (buffers) move
+    changed()
+    # another model of the same shapes whose tensors may land at the freed addresses: never the old digest
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    del model, opt
+    other = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    fp = fingerprint(other)
+    assert fp == real(list(other.named_parameters()) + list(other.named_buffers()))
+    other.load_state_dict(state)
+    assert fingerprint(other) in seen
+
+
 class _WithMethod(nn.Module):
     def __init__(self):
         super().__init__()
@@ -275,3 +315,22 @@ def test_hvp_that_no_mode_supports_is_a_clear_error(monkeypatch):
             batch,
             torch.randn(2, spec.numel, dtype=torch.float64),
         )
+
+
+def test_a_pattern_that_names_only_a_tied_weight_says_which_name_to_select():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_fastif.errors import ConfigurationError
+
+    cfg = GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2, n_inner=12)
+    model = GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(
+        ConfigurationError,
+        match=r"lm_head\.weight is transformer\.wte\.weight.*\['transformer\.wte\.weight'\]",
+    ):
+        select_params(model, ["lm_head.*"])
+    with pytest.raises(ConfigurationError, match="matches none") as err:  # an unrelated typo: no tying hint
+        select_params(model, ["lm_haed.*"])
+    assert "tied" not in str(err.value)
+    assert list(select_params(model, ["transformer.wte.weight"])) == ["transformer.wte.weight"]

@@ -204,9 +204,7 @@ _PEAK_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(
-    "mode", ["hessian"]
-)  # the GGN build has the same structure (checked by hand: 0.24 GB measured, 0.34 estimated)
+@pytest.mark.parametrize("mode", ["hessian", "gauss_newton"])
 def test_exact_memory_guard_covers_the_measured_peak_of_build_and_factorisation(mode):
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc to measure the peak resident memory")
@@ -223,3 +221,192 @@ def test_exact_memory_guard_covers_the_measured_peak_of_build_and_factorisation(
     assert r["measured"] > r["matrix"]  # the measurement sees at least the P x P matrix (27 MB)...
     assert r["estimate"] >= r["measured"], r  # ...and the guard's estimate covers the real peak
     assert r["estimate"] <= 4 * r["measured"], r  # without being uselessly loose
+
+
+# ---------------------------------------------------------------------------------------------- fused products
+def _explicit_ggn(outputs_fn, loss_of_outputs, theta, spec, batch, reduction="sum"):
+    """``J^T H_o J`` in float64 from explicit matrices: ``J [B*K, P]`` by ``jacobian`` and ``H_o [B*K, B*K]`` by
+    ``hessian`` of the batch's loss as a function of all its (float) outputs at once."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    out = outputs_fn(spec.unflatten(theta), batch)
+    leaves, tree = tree_flatten(out)
+    floats = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    sizes = [leaves[i].numel() for i in floats]
+
+    def flat_out(t):
+        lv = tree_flatten(outputs_fn(spec.unflatten(t), batch))[0]
+        return torch.cat([lv[i].reshape(-1) for i in floats])
+
+    def loss_of_flat(z):
+        full = list(leaves)
+        for i, piece in zip(floats, torch.split(z, sizes)):
+            full[i] = piece.reshape(leaves[i].shape)
+        losses = loss_of_outputs(tree_unflatten(full, tree), batch)
+        return losses.sum() if reduction == "sum" else losses.mean()
+
+    jac = torch.autograd.functional.jacobian(flat_out, theta, vectorize=True)  # [B*K, P]
+    h_out = torch.autograd.functional.hessian(loss_of_flat, flat_out(theta).detach())
+    return jac.T @ h_out @ jac
+
+
+def _check_fused(loss, params, batch, reduction="sum", ks=(1, 3), closed=None):
+    """The fused product (its own code path, no fallback) against the first implementation and the explicit
+    float64 matrix, for one vector and a batch of vectors."""
+    from lightning_fastif.functional import ggn
+
+    spec = ParamSpec.of(params)
+    theta = spec.flatten(params).detach()
+    outputs_fn, loss_of_outputs = loss.split()
+    h_o = ggn.output_hessian_of(loss)
+    assert (h_o is not None and h_o.kind) == (closed or False), h_o  # the closed form used where expected
+    ref = _explicit_ggn(outputs_fn, loss_of_outputs, theta, spec, batch, reduction)
+    assert ref.abs().max() > 1e-6  # not a trivially zero curvature
+    g = torch.Generator().manual_seed(0)
+    for k in ks:
+        v = torch.randn(k, theta.numel(), generator=g, dtype=theta.dtype)
+        fused = ggn._fused(outputs_fn, loss_of_outputs, theta, spec, batch, v, reduction, h_o)
+        autodiff = ggn._fused(outputs_fn, loss_of_outputs, theta, spec, batch, v, reduction, None)
+        old = ggn._functorch(outputs_fn, loss_of_outputs, theta, spec, batch, v, reduction)
+        torch.testing.assert_close(fused, v @ ref, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(autodiff, v @ ref, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(fused, old, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_fused_gauss_newton_product_matches_the_explicit_matrix_and_the_first_implementation(reduction):
+    model, data = _mlp(), _data()
+    batch = data[:9]
+    _check_fused(PerExampleLoss(model), select_params(model), batch, reduction, closed="cross_entropy")
+    # a user's loss_fn (unknown form): the output Hessian is differentiated
+    loss = PerExampleLoss(model, lambda out, b: torch.logsumexp(out, -1) - out.gather(1, b[1][:, None])[:, 0])
+    _check_fused(loss, select_params(model), batch, reduction)
+    # a pytree output, one of whose leaves does not depend on the selected parameters
+    torch.manual_seed(0)
+    tup = nn.ModuleDict({"a": nn.Linear(5, 4), "b": nn.Linear(4, 3)}).double()
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = tup
+
+        def forward(self, x):
+            h = torch.tanh(self.m["a"](x))
+            return h, self.m["b"](h)
+
+    two = Two()
+    loss = PerExampleLoss(two, lambda out, b: nn.functional.cross_entropy(out[1], b[1], reduction="none"))
+    _check_fused(loss, select_params(two, ["m.b.*"]), batch, reduction)
+
+
+def test_closed_form_output_hessians_cover_smoothing_ignore_index_and_mse():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, -100, 1, 0, -100, 2])
+
+    class WithLoss(nn.Module):
+        def __init__(self, crit, c=3):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, c))
+            self.criterion = crit
+
+        def forward(self, x):
+            return self.net(x)
+
+    m = WithLoss(nn.CrossEntropyLoss(label_smoothing=0.2, ignore_index=-100)).double()
+    _check_fused(PerExampleLoss(m), select_params(m), (x, y), closed="cross_entropy")
+    m = WithLoss(nn.MSELoss(), c=2).double()
+    _check_fused(
+        PerExampleLoss(m), select_params(m), (x, torch.randn(8, 2, dtype=torch.float64)), closed="mse"
+    )
+    # class weights: no closed form (differentiated instead)
+    from lightning_fastif.functional.ggn import output_hessian_of
+
+    m = WithLoss(nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64))).double()
+    assert output_hessian_of(PerExampleLoss(m)) is None
+
+
+def test_fused_gauss_newton_product_on_real_model_fixtures():
+    from _models import bn_cnn, hf_bert, regression_net, smoothed_net
+
+    def as64(factory, **kw):
+        model, train, _ = factory(**kw)
+        model = model.double().eval()
+        x = train.tensors[0][:6].double() if hasattr(train, "tensors") else None
+        return model, train, x
+
+    # BatchNorm CNN in eval mode (running statistics), every parameter; in-place ReLUs
+    model, train, x = as64(bn_cnn, n_train=12, steps=3)
+    _check_fused(
+        PerExampleLoss(model), select_params(model), (x, train.tensors[1][:6]), closed="cross_entropy"
+    )
+    # regression (MSE module on the model, [B] outputs) and label smoothing
+    model, train, x = as64(regression_net, n_train=12, steps=3)
+    _check_fused(
+        PerExampleLoss(model), select_params(model), (x, train.tensors[1][:6].double()), closed="mse"
+    )
+    model, train, x = as64(smoothed_net, n_train=12, steps=3)
+    _check_fused(
+        PerExampleLoss(model), select_params(model), (x, train.tensors[1][:6]), closed="cross_entropy"
+    )
+    # Hugging Face BERT (eager attention), a parameter subset through the encoder's last dense layer
+    model, train, _ = hf_bert(n_train=6, steps=2)
+    model = model.double().eval()
+    from torch.utils.data.dataloader import default_collate
+
+    batch = default_collate([train[i] for i in range(4)])
+    params = select_params(model, ["bert.encoder.layer.0.output.dense.*", "classifier.*"])
+    _check_fused(PerExampleLoss(model), params, batch, ks=(1, 2), closed="cross_entropy")
+
+
+def test_fused_gauss_newton_product_with_tied_weights():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.out = nn.Linear(4, 7, bias=False)
+            self.out.weight = self.emb.weight  # tied, as a language model's input and output embeddings
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.emb(ids).mean(1)))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    ids = torch.randint(0, 7, (6, 3))
+    params = select_params(model)
+    assert list(params) == ["emb.weight"]  # one tensor, used twice
+    _check_fused(PerExampleLoss(model), params, (ids, torch.randint(0, 7, (6,))), closed="cross_entropy")
+
+
+def test_fused_and_first_gauss_newton_products_agree_through_training_curvature():
+    model, data = _mlp(), _data()
+    curv = _curvature(model, data, "gauss_newton")
+    v = torch.randn(5, curv.spec.numel, dtype=torch.float64)
+    new = curv.hvp(v)
+    curv.ggn_method = "functorch"
+    torch.testing.assert_close(new, curv.hvp(v), rtol=1e-10, atol=1e-12)
+    curv.ggn_method = "fast"
+    with pytest.raises(ConfigurationError, match="`ggn_method`"):
+        curv.hvp(v)
+
+
+def test_a_model_the_fused_product_cannot_take_falls_back_once_and_is_remembered(monkeypatch):
+    from lightning_fastif.functional import ggn
+
+    model, data = _mlp(), _data()
+    curv = _curvature(model, data, "gauss_newton")
+    v = torch.randn(3, curv.spec.numel, dtype=torch.float64)
+    want = curv.hvp(v)
+    calls = []
+
+    def no_double_backward(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("derivative for aten::some_op is not implemented")
+
+    monkeypatch.setattr(ggn, "_fused", no_double_backward)
+    torch.testing.assert_close(curv.hvp(v), want, rtol=1e-10, atol=1e-12)  # the first implementation's answer
+    assert curv.ggn_method == "functorch" and len(calls) == 1  # tried once, not once per batch
+    torch.testing.assert_close(curv.hvp(v), want, rtol=1e-10, atol=1e-12)
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="some_op"):  # without fallback the failure propagates
+        ggn.batch_ggn_vp(*curv._split, curv.theta, curv.spec, data[:4], v, fallback=False)

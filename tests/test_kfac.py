@@ -442,3 +442,126 @@ def test_a_models_own_per_example_loss_falls_back_to_the_empirical_fisher():
     solver = EKFACSolver(damping=0.1, residual="none")
     solver.solve(cur, torch.zeros(1, 15, dtype=torch.float64))
     assert "empirical" in solver.diagnostics.extra["curvature"]
+
+
+# ------------------------------------------------------------------------------------------------ GPT-2 Conv1D
+def _tiny_gpt2(n=10, seq=5, seed=0):
+    """A tiny HF ``GPT2ForSequenceClassification`` built from a config (no download), float64, eval mode."""
+    from _models import DictDataset
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2, n_inner=12, num_labels=3, pad_token_id=0,
+        use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2ForSequenceClassification(cfg).double().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(1, 20, (n, seq), generator=g)
+    ds = DictDataset(
+        input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.randint(0, 3, (n,), generator=g)
+    )
+    return model, ds
+
+
+def _loop_layer_grads(loss, theta, spec, ds, slot):
+    """Per-example ``[N, out, a_dim]`` gradients of one layer by a float64 loop (a Conv1D weight transposed)."""
+    from torch.utils.data.dataloader import default_collate
+
+    rows = []
+    for i in range(len(ds)):
+        g = torch.func.grad(lambda t, b: loss(spec.unflatten(t), b).sum())(theta, default_collate([ds[i]]))
+        parts = spec.unflatten(g)
+        cols = [parts[slot.weight].T] if slot.weight is not None else []
+        if slot.bias is not None:
+            cols.append(parts[slot.bias][:, None])
+        rows.append(torch.cat(cols, -1))
+    return torch.stack(rows)
+
+
+def test_gpt2_conv1d_layers_get_exact_ekfac_corrections():
+    from transformers.pytorch_utils import Conv1D
+
+    model, ds = _tiny_gpt2()
+    patterns = [
+        "transformer.h.0.attn.c_attn.*",
+        "transformer.h.0.mlp.c_fc.weight",
+        "transformer.h.0.mlp.c_proj.*",
+    ]
+    assert kfac_unsupported(model, select_params(model, patterns)) == []
+    cur = _curvature(model, ds, patterns, batch_size=4)
+    slots = kfac_layers(model, cur.spec.names)
+    assert [(s.module, s.kind, s.out_dim, s.in_dim) for s in slots] == [
+        ("transformer.h.0.attn.c_attn", "conv1d", 24, 8),
+        ("transformer.h.0.mlp.c_fc", "conv1d", 12, 8),
+        ("transformer.h.0.mlp.c_proj", "conv1d", 8, 12),
+    ]
+    assert isinstance(model.get_submodule(slots[0].module), Conv1D)
+    factors, _ = _fit(EKFACSolver, cur, fisher="empirical")
+    for slot in factors.slots:  # the correction = the exact Fisher diagonal in the Kronecker eigenbasis
+        d = _loop_layer_grads(cur.loss, cur.theta, cur.spec, ds, slot)
+        assert d.abs().max() > 1e-6
+        q = torch.kron(factors.g_evec[slot.module], factors.a_evec[slot.module])
+        fisher = d.flatten(1).T @ d.flatten(1) / d.shape[0]
+        want = torch.diagonal(q.T @ fisher @ q).reshape(slot.out_dim, slot.a_dim)
+        torch.testing.assert_close(factors.corrected[slot.module], want, rtol=1e-8, atol=1e-12)
+
+
+def test_conv1d_ekfac_solve_equals_the_equivalent_linear_layers():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(6, 5), nn.Tanh(), Conv1D(3, 6)).double()
+    lin = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        for i in (0, 2):
+            lin[i].weight.copy_(conv[i].weight.T)
+            lin[i].bias.copy_(conv[i].bias)
+    g = torch.Generator().manual_seed(1)
+    ds = TensorDataset(
+        torch.randn(20, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,), generator=g)
+    )
+    cur_c, cur_l = _curvature(conv, ds, batch_size=8), _curvature(lin, ds, batch_size=8)
+    torch.testing.assert_close(cur_c.loss(cur_c.spec.unflatten(cur_c.theta), ds.tensors), cur_l.loss(
+        cur_l.spec.unflatten(cur_l.theta), ds.tensors))  # fmt: skip
+
+    def transpose_weights(spec, v):
+        parts = spec.unflatten(v)
+        return spec.flatten(
+            {n: (t.transpose(-1, -2) if n.endswith("weight") else t) for n, t in parts.items()}
+        )
+
+    v = torch.randn(3, cur_c.spec.numel, generator=g, dtype=torch.float64)
+    for kind, fisher in (("ekfac", "true"), ("kfac", "exact")):
+        fc, _ = _fit(EKFACSolver, cur_c, fisher=fisher)
+        fl, _ = _fit(EKFACSolver, cur_l, fisher=fisher)
+        got = solve_kfac(fc, cur_c.spec, v, 0.05, kind)  # Conv1D layout [in, out]
+        want = solve_kfac(fl, cur_l.spec, transpose_weights(cur_c.spec, v), 0.05, kind)
+        torch.testing.assert_close(transpose_weights(cur_c.spec, got), want, rtol=1e-9, atol=1e-12)
+
+
+def test_factor_math_dtype_is_float64_on_cpu_float32_on_accelerators_unless_asked(mlp_problem):
+    from lightning_fastif.functional.kfac import math_dtype
+
+    assert math_dtype("cpu") == torch.float64 and math_dtype(torch.device("cuda", 0)) == torch.float32
+    assert (
+        math_dtype("cuda", "float64") == torch.float64 and math_dtype("cpu", torch.float32) == torch.float32
+    )
+    with pytest.raises(ConfigurationError, match="`dtype`.*'float16'"):
+        EKFACSolver(damping=0.1, dtype="float16")
+    model, ds = mlp_problem
+    cur = _curvature(model, ds, batch_size=7)
+    f64, _ = _fit(EKFACSolver, cur, fisher="exact")
+    f32, s32 = _fit(EKFACSolver, cur, fisher="exact", dtype="float32")
+    assert f64.a_cov[f64.slots[0].module].dtype == torch.float64  # the CPU default
+    assert (
+        all(t.dtype == torch.float32 for t in f32.tensors().values()) and s32.config()["dtype"] == "float32"
+    )
+    for s in f64.slots:
+        torch.testing.assert_close(f32.g_cov[s.module].double(), f64.g_cov[s.module], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            f32.corrected[s.module].double(), f64.corrected[s.module], rtol=1e-3, atol=1e-7
+        )
+    v = torch.randn(2, cur.spec.numel, dtype=torch.float64)
+    x32 = solve_kfac(f32, cur.spec, v, 0.1, "ekfac")
+    torch.testing.assert_close(x32, solve_kfac(f64, cur.spec, v, 0.1, "ekfac"), rtol=1e-3, atol=1e-5)

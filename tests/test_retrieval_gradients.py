@@ -127,6 +127,38 @@ def test_dense_projection_is_an_explicit_seeded_matrix_and_unbiased():
         assert abs(float(est.mean()) - float(a @ b)) < 4 * float(est.std()) / 20
 
 
+def test_dense_projection_blocks_are_generated_once_per_device_and_dtype_within_the_budget(monkeypatch):
+    from lightning_fastif.retrieval.gradients import sketch as sketch_mod
+
+    calls = []
+    real = sketch_mod.random_matrix
+    monkeypatch.setattr(sketch_mod, "random_matrix", lambda *a, **k: calls.append(a) or real(*a, **k))
+    x = torch.randn(4, 300, dtype=torch.float64)
+    want = x @ DenseProjection(300, 64, seed=3, block=128).matrix().double().T
+    calls.clear()
+    proj = DenseProjection(300, 64, seed=3, block=128)
+    for _ in range(3):  # float64 inputs: three blocks generated once, kept in float64
+        torch.testing.assert_close(proj(x), want)
+    assert len(calls) == 3 and {k[2] for k in proj._blocks} == {torch.float64}
+    proj(x.float())  # float32 inputs: the same blocks in float32, kept apart
+    assert len(calls) == 6 and {k[2] for k in proj._blocks} == {torch.float32, torch.float64}
+    # over the CPU budget (P > 65,536 at D = 1,024 with the default 256 MiB): regenerated each call, same values;
+    # an accelerator has its own (larger) budget
+    small = DenseProjection(300, 64, seed=3, block=128, cache_bytes=64 * 300 * 8 - 1)
+    calls.clear()
+    torch.testing.assert_close(small(x), want)
+    torch.testing.assert_close(small(x), want)
+    assert len(calls) == 6 and not small._blocks
+    assert small._cacheable(torch.device("cuda", 0), torch.float64)
+    # a Kronecker projection converts its factors once per device and dtype too
+    kp = KroneckerProjection(5, 3, bias=True, k_in=4, k_out=2, seed=0)
+    a, g = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    first = kp.sketch(a, g)
+    held = dict(kp._copies)
+    torch.testing.assert_close(kp.sketch(a, g), first)
+    assert len(held) == 2 and all(kp._copies[k] is v for k, v in held.items())
+
+
 def test_dense_sketcher_projects_the_per_example_gradients(trained):
     model, ds, _ = trained
     ref, spec = _loop_grads(model, ds, None)
@@ -592,3 +624,48 @@ def test_gradient_index_calls_the_model_through_forward_fn(tmp_path):
     for got, want in zip(knn.explain(query), full.explain(query)):
         assert got.helpful_ids == want.helpful_ids and got.harmful_ids == want.harmful_ids
         assert got.extra["candidates"] == "gradients"
+
+
+def test_kronecker_sketch_of_gpt2_conv1d_layers_matches_explicit_per_example_gradients():
+    """GPT-2's ``Conv1D`` (weight ``[in, out]``) is a Kronecker layer: sketches and queries against a float64 loop."""
+    from _models import DictDataset
+    from torch.utils.data.dataloader import default_collate
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2, n_inner=12, num_labels=3, pad_token_id=0,
+        use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2ForSequenceClassification(cfg).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 20, (9, 5), generator=g)
+    ds = DictDataset(
+        input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.randint(0, 3, (9,), generator=g)
+    )
+    patterns = ["transformer.h.0.attn.c_attn.*", "transformer.h.0.mlp.c_proj.weight"]
+    loss = resolve_loss(model)
+    params = select_params(model, patterns)
+    spec = ParamSpec.of(params)
+    theta = spec.flatten(params)
+    ref = torch.stack(
+        [torch.func.grad(lambda t, b: loss(spec.unflatten(t), b).sum())(theta, default_collate([ds[i]])) for i in range(9)]
+    )  # fmt: skip
+    s = torch.randn(2, spec.numel, generator=g, dtype=torch.float64)
+    exact = GradientSketcher(model, loss, patterns, "kronecker", dim=10**6)
+    assert [n for n, _ in exact.layers] == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"]
+    x, _, _ = exact.sketch_rows(ds, batch_size=4)
+    torch.testing.assert_close(x.double() @ exact.query(s).double().T, ref @ s.T, rtol=1e-4, atol=1e-6)
+    # projected: the sketch is vec(R_g [G_W^T | g_b] R_a^T) with the Conv1D weight gradient transposed
+    sk = GradientSketcher(model, loss, patterns, "kronecker", dim=40, seed=3)
+    xs, _, _ = sk.sketch_rows(ds, batch_size=4)
+    parts, want = spec.unflatten(ref), []
+    for name, proj in sk.layers:
+        cols = [parts[f"{name}.weight"].transpose(1, 2)]
+        if proj.bias:
+            cols.append(parts[f"{name}.bias"].unsqueeze(-1))
+        full = torch.cat(cols, -1)
+        ra = torch.eye(proj.in_dim, dtype=torch.float64) if proj.r_in is None else proj.r_in.double()
+        rg = torch.eye(proj.out_dim, dtype=torch.float64) if proj.r_out is None else proj.r_out.double()
+        want.append((rg @ full @ ra.T).flatten(1))
+    torch.testing.assert_close(xs.double(), torch.cat(want, 1), rtol=1e-4, atol=1e-6)

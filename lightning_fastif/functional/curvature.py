@@ -25,7 +25,13 @@ from torch.utils.data.dataloader import default_collate
 
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import fetch, move_to
-from lightning_fastif.functional.ggn import basis_rows, batch_ggn_vp
+from lightning_fastif.functional.ggn import (
+    GGN_FAILURES,
+    GGN_METHODS,
+    basis_rows,
+    batch_ggn_vp,
+    output_hessian_of,
+)
 from lightning_fastif.functional.grads import Loss
 from lightning_fastif.functional.hvp import add_batch_hessian, batch_hvp, saved_graph_bytes
 from lightning_fastif.functional.params import ParamSpec
@@ -98,7 +104,15 @@ class TrainingCurvature:
         state: the fingerprints of the model state and training data already computed by the caller
             (``{"model": fingerprint(model), "data": dataset_fingerprint(dataset)}``); computed when needed if not
             given. They enter :attr:`key`.
+
+    Attributes:
+        ggn_method: how Gauss-Newton products are taken: ``"fused"`` (default: one forward with dual tensors or one
+            double backward, closed-form output Hessians; see :mod:`~lightning_fastif.functional.ggn`) or
+            ``"functorch"`` (the first implementation, kept as the reference the benchmarks compare against, and
+            taken from then on when a fused product fails on this model's operators).
     """
+
+    ggn_method: str = "fused"
 
     def __init__(
         self,
@@ -137,6 +151,7 @@ class TrainingCurvature:
         self._state = dict(state or {})
         self._key_box: dict[str, Any] = {}  # shared by with_mode copies: the state is hashed once
         self._split: Any = None
+        self._output_hessian = output_hessian_of(loss)
         if mode == "gauss_newton":
             self._split = self._loss_split()
 
@@ -254,10 +269,34 @@ class TrainingCurvature:
             raise RuntimeError("internal: empty shard must be handled by the caller")
         return total
 
+    def _ggn_vp(self, batch: Any, vectors: Tensor, reduction: str) -> Tensor:
+        if self.ggn_method not in GGN_METHODS:
+            raise ConfigurationError(
+                f"Expected `ggn_method` to be 'fused' or 'functorch', but got {self.ggn_method!r}."
+            )
+        outputs_fn, loss_of_outputs = self._split
+        args = (
+            outputs_fn,
+            loss_of_outputs,
+            self.theta,
+            self.spec,
+            batch,
+            vectors,
+            reduction,
+            self._output_hessian,
+        )
+        if self.ggn_method == "fused":
+            try:
+                return batch_ggn_vp(*args, method="fused", fallback=False)
+            except GGN_FAILURES:
+                # an operator without a double backward or a forward-mode formula: remembered, so that later
+                # products go straight to the first implementation (which raises a clear error if it fails too)
+                self.ggn_method = "functorch"
+        return batch_ggn_vp(*args, method="functorch")
+
     def _batch_product(self, batch: Any, vectors: Tensor, reduction: str) -> Tensor:
         if self.kind == "gauss_newton":
-            outputs_fn, loss_of_outputs = self._split
-            return batch_ggn_vp(outputs_fn, loss_of_outputs, self.theta, self.spec, batch, vectors, reduction)
+            return self._ggn_vp(batch, vectors, reduction)
         return batch_hvp(self.loss, self.theta, self.spec, batch, vectors, reduction=reduction)
 
     def hvp(self, vectors: Tensor) -> Tensor:
@@ -282,7 +321,9 @@ class TrainingCurvature:
             if self.kind == "gauss_newton":
                 outputs_fn, _ = self._split
                 _, nbytes = saved_graph_bytes(lambda: outputs_fn(self.spec.unflatten(t), batch))
-                return 3 * nbytes  # the vjp's graph, a jvp's dual forward, and the pullback's intermediates
+                # the forward graph, the graph of the recorded backward (u -> J^T u) and the batched backwards'
+                # intermediates (the fused product; the first implementation had the same three terms)
+                return 3 * nbytes
 
             def build() -> Tensor:
                 (g,) = torch.autograd.grad(
@@ -318,12 +359,9 @@ class TrainingCurvature:
             n_batches = -(-len(range(self.rank, self.num_examples, self.world_size)) // self.batch_size)
             for i, batch in enumerate(self.shard_batches()):
                 if self.kind == "gauss_newton":
-                    outputs_fn, loss_of_outputs = self._split
                     for at in range(0, p, k):
                         rows = basis_rows(at, min(k, p - at), p, self.theta)
-                        out[at : at + rows.shape[0]] += batch_ggn_vp(
-                            outputs_fn, loss_of_outputs, self.theta, self.spec, batch, rows, "sum"
-                        )
+                        out[at : at + rows.shape[0]] += self._ggn_vp(batch, rows, "sum")
                         del rows
                 else:
                     add_batch_hessian(self.loss, self.theta, self.spec, batch, out, k, reduction="sum")

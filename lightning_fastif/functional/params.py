@@ -67,10 +67,27 @@ def select_params(model: nn.Module, patterns: str | Sequence[str] | None = None)
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
             shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
             raise ConfigurationError(
-                f"Expected every pattern of `params` to match a parameter name, but {pat!r} matches none. "
-                f"Available names: {shown}."
+                f"Expected every pattern of `params` to match a parameter name, but {pat!r} matches none."
+                f"{_tied_hint(model, pat)} Available names: {shown}."
             )
     return {n: p.detach() for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+
+
+def _tied_hint(model: nn.Module, pattern: str) -> str:
+    """Names ``pattern`` matches only as aliases of tied weights (``lm_head.weight`` is ``wte.weight``): a hint."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    tied = [
+        (n, canonical[id(p)])
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if fnmatch.fnmatchcase(n, pattern) and canonical.get(id(p), n) != n
+    ]
+    if not tied:
+        return ""
+    pairs = ", ".join(f"{alias} is {name}" for alias, name in tied[:5])
+    return (
+        f" It matches only tied weights ({pairs}: the same tensor under two names, listed once, under the first):"
+        f" select {sorted({name for _, name in tied})!r} instead."
+    )
 
 
 @dataclass(frozen=True)
@@ -106,15 +123,64 @@ class ParamSpec:
         return {n: t.reshape((*lead, *s)) for n, t, s in zip(self.names, pieces, self.shapes)}
 
 
+_FINGERPRINTS: dict[tuple[Any, ...], tuple[str, list[Any]]] = {}
+_FINGERPRINTS_MAX = 64
+
+
+def _state_key(tensors: list[tuple[str, Tensor]], include_buffers: bool) -> tuple[Any, ...] | None:
+    """What identifies one model state cheaply: every tensor's name, identity, storage address, shape, dtype,
+    device and version counter (bumped by in-place changes: an optimiser step, ``copy_``, ``load_state_dict``), and
+    three moments of its values computed where it lives (sum, L2 and L1 norms; three numbers per tensor come back), which also catch writes through ``.data`` (they do not bump the version). None when some tensor
+    cannot be read so (under a torch.func transform)."""
+    key: list[Any] = [include_buffers]
+    moments = []
+    try:
+        for name, t in tensors:
+            key.append((name, id(t), t.data_ptr(), tuple(t.shape), str(t.dtype), str(t.device), t._version))
+            d = t.detach()
+            if not d.is_floating_point() or d.element_size() < 4:
+                d = d.to(torch.float32)  # integer/bool buffers; half precision would overflow the sums
+            m = torch.stack([d.sum(), torch.linalg.vector_norm(d), torch.linalg.vector_norm(d, 1)])
+            moments.append(m.to("cpu", torch.float64))
+    except (RuntimeError, AttributeError, TypeError):
+        return None
+    if moments:
+        key.append(tuple(torch.cat(moments).tolist()))
+    return tuple(key)
+
+
 def fingerprint(model: nn.Module, include_buffers: bool = True) -> str:
     """A SHA-256 of the names, shapes, dtypes and values of a module's parameters (and buffers).
 
-    Two models with the same weights give the same string; a single changed weight changes it.
+    Two models with the same weights give the same string; a single changed weight changes it. The SHA-256 is
+    computed once per model state (the values go through the CPU once): the digest is cached under the tensors'
+    identities, storage addresses, version counters and value moments computed on their device (see
+    ``_state_key``), and an entry is used only while the very tensors it was computed from are alive. Index,
+    factor and writer folders of one run therefore hash the weights once, not at every save and load.
     """
-    h = hashlib.sha256()
+    import weakref
+
     tensors = list(model.named_parameters())
     if include_buffers:
         tensors += [(n, b) for n, b in model.named_buffers() if b is not None]
+    key = _state_key(tensors, include_buffers)
+    hit = _FINGERPRINTS.get(key) if key is not None else None
+    if hit is not None and all(ref() is t for ref, (_, t) in zip(hit[1], tensors)):
+        return hit[0]
+    digest = _hash_tensors(tensors)
+    if key is not None:
+        try:
+            refs = [weakref.ref(t) for _, t in tensors]
+        except TypeError:
+            return digest
+        if len(_FINGERPRINTS) >= _FINGERPRINTS_MAX:
+            _FINGERPRINTS.pop(next(iter(_FINGERPRINTS)))
+        _FINGERPRINTS[key] = (digest, refs)
+    return digest
+
+
+def _hash_tensors(tensors: list[tuple[str, Tensor]]) -> str:
+    h = hashlib.sha256()
     for name, t in tensors:
         t = t.detach()
         h.update(name.encode())

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.dataloader import default_collate
 
-from lightning_fastif._runtime import StageProgress, eval_mode
+from lightning_fastif._runtime import StageProgress, eval_mode, synchronize
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import (
     batch_digest,
@@ -214,6 +214,7 @@ class InfluenceModule(pl.LightningModule):
         )
 
     def _timed(self, stage: str, start: float) -> None:
+        synchronize(self.model)  # on CUDA: count the stage's kernels, not only their launch
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     # ---------------------------------------------------------------------------------------- public math

@@ -43,6 +43,7 @@ from lightning_fastif.functional.kfac.factors import (
     accumulate_eigenvalues,
     finalize_covariances,
     fit_factors,
+    math_dtype,
 )
 from lightning_fastif.functional.kfac.layers import LayerSlot, kfac_layers, kfac_unsupported
 from lightning_fastif.functional.kfac.solve import layer_matrices, preconditioned_cg, solve_kfac
@@ -63,6 +64,7 @@ __all__ = [
     "kfac_layers",
     "kfac_unsupported",
     "layer_matrices",
+    "math_dtype",
     "preconditioned_cg",
     "solve_kfac",
 ]

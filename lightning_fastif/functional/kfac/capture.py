@@ -27,9 +27,9 @@ MAX_OUTPUT_DIM = 256
 
 def _activations(slot: LayerSlot, mod: nn.Module, x: Tensor) -> Tensor:
     """Layer input -> ``[B, T, in_dim]`` (positions ``T`` folded per example)."""
-    if slot.kind == "linear":
+    if slot.kind in ("linear", "conv1d"):
         return x.reshape(x.shape[0], -1, x.shape[-1])
-    if not isinstance(mod, nn.Conv2d):  # kfac_layers admits only Linear and Conv2d slots
+    if not isinstance(mod, nn.Conv2d):  # kfac_layers admits only Linear, Conv1D and Conv2d slots
         raise TypeError(f"internal: a K-FAC conv slot on a {type(mod).__name__}")
     cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=_conv_padding(mod), stride=mod.stride)
     return cols.transpose(1, 2)  # [B, L, C_in * kh * kw]
@@ -37,7 +37,7 @@ def _activations(slot: LayerSlot, mod: nn.Module, x: Tensor) -> Tensor:
 
 def _out_grads(slot: LayerSlot, g: Tensor) -> Tensor:
     """Gradient of the layer output -> ``[B, T, out_dim]``."""
-    if slot.kind == "linear":
+    if slot.kind in ("linear", "conv1d"):
         return g.reshape(g.shape[0], -1, g.shape[-1])
     return g.flatten(2).transpose(1, 2)  # [B, C_out, H, W] -> [B, HW, C_out]
 
@@ -159,6 +159,7 @@ def capture_batch(
     ids: list[int],
     fisher: str = "true",
     seed: int = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> Captured:
     """Run one batch forward and backward with hooks and return each layer's ``a`` and ``g``.
 
@@ -172,6 +173,7 @@ def capture_batch(
         fisher: ``"true"`` (one sampled label per example), ``"exact"`` (the expectation over labels) or
             ``"empirical"``.
         seed: base seed of the sampled labels.
+        dtype: of the predictive probabilities the labels are drawn from (the factors' math dtype).
     """
     rec = _Recorder(model, slots)
     top: list[Any] = []
@@ -208,7 +210,7 @@ def capture_batch(
                         f"got {None if logits is None else tuple(logits.shape)}. Use `fisher='empirical'`."
                     )
                 roots = [logits]
-                p = torch.softmax(logits.detach().double(), 1)
+                p = torch.softmax(logits.detach().to(dtype), 1)
                 if mode == "sampled_labels":
                     u = _example_noise(seed, ids, (logits.shape[1],), "uniform", p).clamp(1e-12, 1 - 1e-7)
                     sampled = (p.log() - torch.log(-torch.log(u))).argmax(1)  # Gumbel-max: y ~ softmax
@@ -249,7 +251,7 @@ def capture_batch(
             if s.bias is not None:
                 cols.append(torch.ones(bsz, t, 1, dtype=gg.dtype, device=gg.device))
             a = torch.cat(cols, -1)
-            mask = _position_mask(batch, a) if s.kind == "linear" else None
+            mask = _position_mask(batch, a) if s.kind in ("linear", "conv1d") else None
             if mask is not None:
                 a, gg = a * mask[..., None], gg * mask[:, None, :, None]
                 m_parts.append(mask.sum(1))

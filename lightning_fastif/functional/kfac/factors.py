@@ -23,15 +23,34 @@ __all__ = [
     "accumulate_eigenvalues",
     "finalize_covariances",
     "fit_factors",
+    "math_dtype",
 ]
 
 Progress = Callable[[str, int, int], None]
 Reduce = Callable[[Tensor], Tensor]
 
 
+def math_dtype(device: torch.device | str, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The dtype of the factors' sums and eigendecompositions: ``dtype`` when given (``torch.float32``/``float64``
+    or their names), else float64 on the CPU (cheap there, and what the float64 tests compare against) and float32
+    on an accelerator (float64 runs many times slower on most GPUs).
+
+    Example:
+        >>> math_dtype("cpu"), math_dtype("cuda"), math_dtype("cuda", "float64")
+        (torch.float64, torch.float32, torch.float64)
+    """
+    if dtype is None:
+        return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    named = {"float32": torch.float32, "float64": torch.float64}
+    got = named.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if got not in (torch.float32, torch.float64):
+        raise ConfigurationError(f"Expected `dtype` to be 'float32', 'float64' or None, but got {dtype!r}.")
+    return got
+
+
 @dataclass
 class KFACFactors:
-    """Fitted factors of every layer (float64 on the parameters' device).
+    """Fitted factors of every layer (on the parameters' device, in :func:`math_dtype`: float64 on the CPU).
 
     Attributes:
         slots: the layers.
@@ -89,16 +108,18 @@ def _sym(m: Tensor) -> Tensor:
     return 0.5 * (m + m.T)
 
 
-def accumulate_covariances(captured: Captured, sums: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """Add one batch's ``sum a a^T``, ``sum g g^T`` and the position count to ``sums`` (float64)."""
+def accumulate_covariances(
+    captured: Captured, sums: dict[str, Tensor] | None = None, dtype: torch.dtype = torch.float64
+) -> dict[str, Tensor]:
+    """Add one batch's ``sum a a^T``, ``sum g g^T`` and the position count to ``sums`` (in ``dtype``)."""
     sums = {} if sums is None else sums
     for mod, a in captured.a.items():
-        a2 = a.reshape(-1, a.shape[-1]).double()
-        g2 = captured.g[mod].reshape(-1, captured.g[mod].shape[-1]).double()  # draws and positions as rows
+        a2 = a.reshape(-1, a.shape[-1]).to(dtype)
+        g2 = captured.g[mod].reshape(-1, captured.g[mod].shape[-1]).to(dtype)  # draws and positions as rows
         for key, val in (
             (f"A/{mod}", a2.T @ a2),
             (f"G/{mod}", g2.T @ g2),
-            (f"T/{mod}", captured.positions[mod].double().sum().reshape(1)),
+            (f"T/{mod}", captured.positions[mod].to(dtype).sum().reshape(1)),
         ):
             sums[key] = val if key not in sums else sums[key] + val
     return sums
@@ -119,7 +140,7 @@ def finalize_covariances(slots: list[LayerSlot], sums: dict[str, Tensor], num_ex
 def accumulate_eigenvalues(
     captured: Captured, factors: KFACFactors, sums: dict[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
-    """Add one batch's ``sum_i (Q_G^T D_i Q_A)^2`` (EK-FAC's correction) to ``sums`` (float64)."""
+    """Add one batch's ``sum_i (Q_G^T D_i Q_A)^2`` (EK-FAC's correction) to ``sums`` (in the factors' dtype)."""
     sums = {} if sums is None else sums
     for mod, a in captured.a.items():
         qa, qg = factors.a_evec[mod], factors.g_evec[mod]
@@ -148,6 +169,7 @@ def fit_factors(
     seed: int = 0,
     all_reduce: Reduce | None = None,
     progress: Progress | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> KFACFactors:
     """Fit K-FAC (one pass) or EK-FAC (two passes) factors over a training set (or this rank's shard of it).
 
@@ -160,12 +182,15 @@ def fit_factors(
             labels.
         all_reduce: sums a tensor over ranks (identity if None): the factors equal one process's.
         progress: ``callback(stage, done, total)``.
+        dtype: of the sums and eigendecompositions (:func:`math_dtype`: None is float64 on the CPU, float32 on an
+            accelerator).
     """
     if fisher not in FISHER_KINDS:
         raise ConfigurationError(
             f"Expected `fisher` to be 'true', 'exact' or 'empirical', but got {fisher!r}."
         )
     reduce = all_reduce or (lambda t: t)
+    dt = math_dtype(theta.device, dtype)
     slots = kfac_layers(model, spec.names)
     params = spec.unflatten(theta)
 
@@ -174,18 +199,18 @@ def fit_factors(
     ) -> dict[str, Tensor]:
         sums: dict[str, Tensor] = {}
         for i, (ids, batch) in enumerate(batches()):
-            sums = step(capture_batch(loss, model, slots, params, batch, ids, fisher, seed), sums)
+            sums = step(capture_batch(loss, model, slots, params, batch, ids, fisher, seed, dt), sums)
             if progress is not None:
                 progress(stage, i + 1, num_batches)
         return sums
 
-    sums = run("kfac factors", lambda c, s: accumulate_covariances(c, s))
-    sums = _reduced(sums, _cov_keys(slots), reduce, theta.device)
+    sums = run("kfac factors", lambda c, s: accumulate_covariances(c, s, dt))
+    sums = _reduced(sums, _cov_keys(slots), reduce, theta.device, dt)
     factors = finalize_covariances(slots, sums, num_examples)
     if kind == "ekfac":
         lam = run("ekfac eigenvalues", lambda c, s: accumulate_eigenvalues(c, factors, s))
         shapes = {f"L/{s.module}": (s.out_dim, s.a_dim) for s in slots}
-        lam = _reduced(lam, shapes, reduce, theta.device)
+        lam = _reduced(lam, shapes, reduce, theta.device, dt)
         factors.corrected = {s.module: lam[f"L/{s.module}"] / num_examples for s in slots}
     for name, t in factors.tensors().items():
         if not bool(torch.isfinite(t).all()):
@@ -205,15 +230,19 @@ def _cov_keys(slots: list[LayerSlot]) -> dict[str, tuple[int, ...]]:
 
 
 def _reduced(
-    sums: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], reduce: Reduce, device: torch.device
+    sums: dict[str, Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    reduce: Reduce,
+    device: torch.device,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, Tensor]:
     """All-reduce every sum in one flat buffer (a rank with an empty shard contributes zeros)."""
     keys = list(shapes)
     flat = torch.cat(
         [
-            sums[k].reshape(-1).double().to(device)
+            sums[k].reshape(-1).to(device, dtype)
             if k in sums
-            else torch.zeros(math.prod(shapes[k]), dtype=torch.float64, device=device)
+            else torch.zeros(math.prod(shapes[k]), dtype=dtype, device=device)
             for k in keys
         ]
     )

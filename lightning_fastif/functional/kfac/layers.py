@@ -1,4 +1,6 @@
-"""K-FAC layer discovery: which selected parameters sit in a supported ``nn.Linear`` / ``nn.Conv2d`` layer.
+"""K-FAC layer discovery: which selected parameters sit in a supported ``nn.Linear`` / ``nn.Conv2d`` layer, or a
+GPT-2 ``Conv1D`` (``transformers.pytorch_utils.Conv1D``: ``y = x W + b`` with ``W [in, out]``, a ``Linear`` with its
+weight stored transposed; recognised by its shape, transformers is not imported).
 
 A module walk, no forward pass (see :mod:`lightning_fastif.functional.kfac` for the math). Imports torch only.
 """
@@ -8,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_fastif.errors import UnsupportedModelError
 
-__all__ = ["LayerSlot", "kfac_layers", "kfac_unsupported"]
+__all__ = ["LayerSlot", "is_conv1d", "kfac_layers", "kfac_unsupported", "weight_matrix"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class LayerSlot:
 
     Attributes:
         module: the module's name in ``model.named_modules()``.
-        kind: ``"linear"`` or ``"conv2d"``.
+        kind: ``"linear"``, ``"conv2d"`` or ``"conv1d"`` (GPT-2's ``Conv1D``: weight ``[in, out]``).
         weight, bias: full parameter names if selected, else ``None``.
         out_dim: output features / channels.
         in_dim: weight columns (``in_features`` or ``C_in * kh * kw``); 0 when the weight is not selected.
@@ -40,6 +42,27 @@ class LayerSlot:
         return self.in_dim + (1 if self.bias is not None else 0)
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is a GPT-2 style ``Conv1D`` (``y = x W + b``, ``weight [in, out]``, ``nf`` = out), by duck type."""
+    w = getattr(m, "weight", None)
+    return (
+        type(m).__name__ == "Conv1D"
+        and isinstance(getattr(m, "nf", None), int)
+        and isinstance(w, nn.Parameter)
+        and w.dim() == 2
+        and w.shape[1] == m.nf
+    )
+
+
+def weight_matrix(slot: LayerSlot, weight: Tensor) -> Tensor:
+    """A weight (or a batch of them, ``[..., *shape]``) in the ``[..., out, in_dim]`` layout of the factors:
+    transposed for ``Conv1D``, flattened for ``Conv2d``."""
+    if slot.kind == "conv1d":
+        return weight.transpose(-1, -2)
+    lead = weight.shape[: weight.dim() - (4 if slot.kind == "conv2d" else 2)]
+    return weight.reshape(*lead, slot.out_dim, -1)
+
+
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int] | None:
     if isinstance(m.padding, str):
         if m.padding == "valid":
@@ -55,7 +78,7 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int] | None:
 
 
 def _why_unsupported(m: nn.Module) -> str | None:
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) or is_conv1d(m):
         return None
     if isinstance(m, nn.Conv2d):
         if m.groups != 1:
@@ -82,8 +105,8 @@ def _owner(model: nn.Module, name: str) -> tuple[str, str, nn.Module | None]:
 def kfac_unsupported(model: nn.Module, param_names: Iterable[str]) -> list[str]:
     """The selected parameters that K-FAC/EK-FAC cannot take, each with its module type: ``[]`` when all fit.
 
-    Supported: ``weight`` and ``bias`` of ``nn.Linear`` and of ``nn.Conv2d`` (groups 1, zero padding), wherever
-    they sit (inside transformer blocks too). A module walk, no forward pass.
+    Supported: ``weight`` and ``bias`` of ``nn.Linear``, of GPT-2's ``Conv1D`` and of ``nn.Conv2d`` (groups 1,
+    zero padding), wherever they sit (inside transformer blocks too). A module walk, no forward pass.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
@@ -94,7 +117,7 @@ def kfac_unsupported(model: nn.Module, param_names: Iterable[str]) -> list[str]:
     for name in param_names:
         _, attr, mod = _owner(model, name)
         if mod is None:
-            bad.append(f"{name} (a parameter not owned by a Linear or Conv2d module)")
+            bad.append(f"{name} (a parameter not owned by a Linear, Conv1D or Conv2d module)")
             continue
         why = _why_unsupported(mod)
         if why is not None and next(mod.children(), None) is not None:
@@ -117,21 +140,25 @@ def kfac_layers(model: nn.Module, param_names: Iterable[str]) -> list[LayerSlot]
     if bad:
         shown = ", ".join(bad[:20]) + (f", ... ({len(bad)} in all)" if len(bad) > 20 else "")
         raise UnsupportedModelError(
-            "K-FAC/EK-FAC take only the weight and bias of nn.Linear and nn.Conv2d layers, but the selected "
+            "K-FAC/EK-FAC take only the weight and bias of nn.Linear, Conv1D and nn.Conv2d layers, but the selected "
             f"parameters include {shown}. Select only such layers with `params` (e.g. ['encoder.*.dense.*']), "
             "or use CGSolver (on curvature='gauss_newton') or ExactSolver for the others."
         )
     chosen = set(names)
     slots = []
     for mod_name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        conv1d = is_conv1d(mod)
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) and not conv1d:
             continue
         prefix = f"{mod_name}." if mod_name else ""
         w = f"{prefix}weight" if f"{prefix}weight" in chosen else None
         b = f"{prefix}bias" if mod.bias is not None and f"{prefix}bias" in chosen else None
         if w is None and b is None:
             continue
-        in_dim = int(mod.weight[0].numel()) if w is not None else 0
-        kind = "linear" if isinstance(mod, nn.Linear) else "conv2d"
-        slots.append(LayerSlot(mod_name, kind, w, b, int(mod.weight.shape[0]), in_dim))
+        if conv1d:
+            out_dim, in_dim, kind = int(mod.weight.shape[1]), int(mod.weight.shape[0]), "conv1d"
+        else:
+            out_dim, in_dim = int(mod.weight.shape[0]), int(mod.weight[0].numel())
+            kind = "linear" if isinstance(mod, nn.Linear) else "conv2d"
+        slots.append(LayerSlot(mod_name, kind, w, b, out_dim, in_dim if w is not None else 0))
     return slots

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_fastif.errors import ConfigurationError, NonFiniteError
 from lightning_fastif.functional.kfac.factors import KFACFactors
-from lightning_fastif.functional.kfac.layers import LayerSlot
+from lightning_fastif.functional.kfac.layers import LayerSlot, weight_matrix
 from lightning_fastif.functional.params import ParamSpec
 
 __all__ = ["layer_matrices", "preconditioned_cg", "solve_kfac"]
@@ -26,7 +26,7 @@ def layer_matrices(spec: ParamSpec, slots: list[LayerSlot], vectors: Tensor) -> 
     for s in slots:
         cols = []
         if s.weight is not None:
-            cols.append(parts[s.weight].reshape(q, s.out_dim, -1))
+            cols.append(weight_matrix(s, parts[s.weight]))
         if s.bias is not None:
             cols.append(parts[s.bias].reshape(q, s.out_dim, 1))
         out[s.module] = torch.cat(cols, -1)
@@ -71,9 +71,9 @@ def solve_kfac(
         x = qg @ ((qg.T @ v @ qa) / denom) @ qa.T  # [Q, out, a_dim]
         x = x.to(vectors.dtype)
         if s.weight is not None:
-            result[s.weight] = x[..., : s.in_dim].reshape(
-                vectors.shape[0], *spec.shapes[spec.names.index(s.weight)]
-            )
+            w = x[..., : s.in_dim]
+            w = w.transpose(-1, -2) if s.kind == "conv1d" else w  # Conv1D stores W [in, out]
+            result[s.weight] = w.reshape(vectors.shape[0], *spec.shapes[spec.names.index(s.weight)])
         if s.bias is not None:
             result[s.bias] = x[..., -1]
     return spec.flatten({n: result[n] for n in spec.names})

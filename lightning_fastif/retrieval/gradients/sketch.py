@@ -94,8 +94,11 @@ class DenseProjection:
     """``x -> R x`` with a seeded ``R [dim, input_dim]`` (``N(0, 1/dim)`` or ``+-1/sqrt(dim)`` entries).
 
     ``E[(R x) . (R y)] = x . y``; the variance of the estimate falls as ``1/dim``. ``R`` is generated in column
-    blocks of ``block`` inputs, each from a seed derived from ``(seed, block number)``, and the blocks are kept
-    when all of them fit in ``cache_bytes`` (otherwise regenerated on every call).
+    blocks of ``block`` inputs, each from a seed derived from ``(seed, block number)``, always by the CPU generator
+    (so an index sketched on one device and queried on another sees the same matrix; device generators give other
+    numbers for the same seed). The blocks are kept where they are used, converted once to that device and dtype,
+    when the whole matrix fits the budget of that device (``cache_bytes`` on the CPU, ``device_cache_bytes`` on an
+    accelerator); otherwise they are regenerated on every call.
 
     Args:
         input_dim: P, the length of the vectors projected.
@@ -103,7 +106,9 @@ class DenseProjection:
         seed: the projection's seed (same seed, same matrix).
         kind: ``"gaussian"`` or ``"rademacher"``.
         block: columns generated at once.
-        cache_bytes: keep the generated blocks when ``4 * dim * input_dim`` is at most this.
+        cache_bytes: keep the generated blocks on the CPU when ``dim * input_dim`` elements take at most this.
+        device_cache_bytes: the same on an accelerator (a GPU's memory: 2 GiB by default, P up to ~500k at D =
+            1024 in float32).
 
     Example:
         >>> proj = DenseProjection(100, 16, seed=0)
@@ -119,33 +124,44 @@ class DenseProjection:
         kind: str = "gaussian",
         block: int = 8192,
         cache_bytes: int = 1 << 28,
+        device_cache_bytes: int = 1 << 31,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"Expected `kind` to be one of {KINDS}, but got {kind!r}.")
         self.input_dim, self.dim, self.seed, self.kind = int(input_dim), int(dim), int(seed), kind
         self.block = int(block)
-        self.cache = 4 * self.dim * self.input_dim <= cache_bytes
-        self._blocks: dict[int, Tensor] = {}
+        self.cache_bytes, self.device_cache_bytes = int(cache_bytes), int(device_cache_bytes)
+        self.cache = 4 * self.dim * self.input_dim <= self.cache_bytes  # float32 blocks on the CPU
+        self._blocks: dict[tuple[int, str, torch.dtype], Tensor] = {}
 
-    def _block(self, b: int) -> Tensor:
-        """Rows ``b*block .. (b+1)*block`` of ``R^T``: ``[cols, dim]``, scaled."""
-        got = self._blocks.get(b)
+    def _cacheable(self, device: torch.device, dtype: torch.dtype) -> bool:
+        budget = self.cache_bytes if device.type == "cpu" else self.device_cache_bytes
+        return self.dim * self.input_dim * torch.empty((), dtype=dtype).element_size() <= budget
+
+    def _block(
+        self, b: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """Rows ``b*block .. (b+1)*block`` of ``R^T``: ``[cols, dim]``, scaled, on ``device`` in ``dtype``."""
+        device = torch.device(device)
+        key = (b, str(device), dtype)
+        got = self._blocks.get(key)
         if got is not None:
             return got
         cols = min(self.block, self.input_dim - b * self.block)
         out = random_matrix(cols, self.dim, _seed(self.seed, b), self.kind).div_(math.sqrt(self.dim))
-        if self.cache:
-            self._blocks[b] = out
+        out = out.to(device=device, dtype=dtype)
+        if self._cacheable(device, dtype):
+            self._blocks[key] = out
         return out
 
     def __call__(self, x: Tensor) -> Tensor:
-        """``x [n, P] -> [n, D]`` (float32 or float64 as ``x``)."""
+        """``x [n, P] -> [n, D]`` (float32 or float64 as ``x``, on ``x``'s device)."""
         if x.shape[-1] != self.input_dim:
             raise ValueError(f"Expected vectors of length {self.input_dim}, but got shape {tuple(x.shape)}.")
         out = x.new_zeros(x.shape[0], self.dim)
         for b in range(math.ceil(self.input_dim / self.block)):
             cols = slice(b * self.block, (b + 1) * self.block)
-            out += x[:, cols] @ self._block(b).to(device=x.device, dtype=x.dtype)
+            out += x[:, cols] @ self._block(b, x.device, x.dtype)
         return out
 
     def matrix(self) -> Tensor:
@@ -193,6 +209,7 @@ class KroneckerProjection:
         self.k_in, self.k_out = min(int(k_in), self.in_dim), min(int(k_out), self.out_dim)
         self.r_in = self._factor(self.k_in, self.in_dim, _seed(seed, 1), kind)
         self.r_out = self._factor(self.k_out, self.out_dim, _seed(seed, 2), kind)
+        self._copies: dict[tuple[int, str, torch.dtype], Tensor] = {}
 
     @staticmethod
     def _factor(k: int, n: int, seed: int, kind: str) -> Tensor | None:
@@ -202,9 +219,18 @@ class KroneckerProjection:
     def dim(self) -> int:
         return self.k_out * self.k_in
 
-    @staticmethod
-    def _apply(r: Tensor | None, x: Tensor) -> Tensor:
-        return x if r is None else x @ r.to(device=x.device, dtype=x.dtype).T
+    def _on(self, r: Tensor, like: Tensor) -> Tensor:
+        """``r`` on ``like``'s device and dtype, converted once per (matrix, device, dtype) and kept."""
+        if r.device == like.device and r.dtype == like.dtype:
+            return r
+        key = (id(r), str(like.device), like.dtype)
+        got = self._copies.get(key)
+        if got is None:
+            got = self._copies[key] = r.to(device=like.device, dtype=like.dtype)
+        return got
+
+    def _apply(self, r: Tensor | None, x: Tensor) -> Tensor:
+        return x if r is None else x @ self._on(r, x).T
 
     def sketch(self, a: Tensor, g: Tensor) -> Tensor:
         """``a [n, (T,) in]`` and ``g [n, (T,) out]`` -> sketches ``[n, k_out * k_in]``."""
@@ -219,9 +245,9 @@ class KroneckerProjection:
         """``S_W [Q, out, in]`` (and ``s_b [Q, out]`` when ``bias``) -> ``[Q, k_out * k_in]``."""
         s = torch.cat([s_weight, s_bias.unsqueeze(-1)], -1) if self.bias and s_bias is not None else s_weight
         if self.r_in is not None:
-            s = s @ self.r_in.to(device=s.device, dtype=s.dtype).T
+            s = s @ self._on(self.r_in, s).T
         if self.r_out is not None:
-            s = self.r_out.to(device=s.device, dtype=s.dtype) @ s
+            s = self._on(self.r_out, s) @ s
         return s.flatten(1)
 
 

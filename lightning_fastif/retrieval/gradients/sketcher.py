@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import call_model, fetch, labels_of, logits_of, move_to
 from lightning_fastif.functional.grads import per_example_grads
+from lightning_fastif.functional.kfac.layers import is_conv1d
 from lightning_fastif.functional.params import ParamSpec, select_params
 from lightning_fastif.retrieval.gradients.sketch import (
     KINDS,
@@ -28,6 +29,14 @@ from lightning_fastif.retrieval.gradients.sketch import (
 )
 
 __all__ = ["DEFAULT_DIM", "METHODS", "GradientSketcher"]
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight ``[in, out]``)."""
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return int(module.in_features), int(module.out_features)
+
 
 METHODS = ("auto", "head", "kronecker", "dense")
 DEFAULT_DIM = 1024
@@ -53,7 +62,7 @@ class GradientSketcher:
         loss: ``(params, batch) -> [B]`` per-example losses (``functional.losses.resolve_loss``).
         params: glob patterns of the parameters differentiated (None: all trainable), as ``InfluenceModule``.
         method: ``"head"`` (exact ``g (x) [phi, 1]`` of a final cross-entropy ``Linear``), ``"kronecker"`` (LoGra,
-            every selected parameter belongs to an ``nn.Linear``), ``"dense"`` (projected per-example gradients),
+            every selected parameter belongs to an ``nn.Linear`` or a GPT-2 ``Conv1D``), ``"dense"`` (projected per-example gradients),
             or ``"auto"``: head when it applies, else kronecker when it applies, else dense.
         dim: sketch dimension of the random projections (ignored by ``head``, which is exact).
         seed: seed of the projections.
@@ -100,11 +109,12 @@ class GradientSketcher:
         if method == "kronecker" and not linears:
             raise ConfigurationError(
                 "Expected sketch='kronecker' to be used when every selected parameter is the weight (and bias) of an "
-                f"nn.Linear, but got {list(self.spec.names)[:6]}. Use sketch='dense'."
+                f"nn.Linear or a GPT-2 Conv1D, but got {list(self.spec.names)[:6]}. Use sketch='dense'."
             )
         self.method = method
         self.layer = head_layer
         self.layers: list[tuple[str, KroneckerProjection]] = []
+        self._transposed: set[str] = set()  # Conv1D layers: weight [in, out]
         self.projection: DenseProjection | None = None
         if method == "head":
             module = modules[head_layer]
@@ -112,14 +122,13 @@ class GradientSketcher:
                 module.in_features + (1 if f"{head_layer}.bias" in self.spec.names else 0)
             )
         elif method == "kronecker":
-            shapes = [(modules[n].out_features, modules[n].in_features + b) for n, b in linears]
+            dims = [_dims(modules[n]) for n, _ in linears]
+            shapes = [(d_out, d_in + b) for (d_in, d_out), (_, b) in zip(dims, linears)]
             sizes = kronecker_sizes(shapes, dim)
-            for i, ((name, b), (k_out, k_in)) in enumerate(zip(linears, sizes)):
-                m = modules[name]
-                proj = KroneckerProjection(
-                    m.in_features, m.out_features, bool(b), k_in, k_out, self.seed + i, kind
-                )
+            for i, ((name, b), (d_in, d_out), (k_out, k_in)) in enumerate(zip(linears, dims, sizes)):
+                proj = KroneckerProjection(d_in, d_out, bool(b), k_in, k_out, self.seed + i, kind)
                 self.layers.append((name, proj))
+            self._transposed = {n for n, _ in linears if is_conv1d(modules[n])}
             self.dim = sum(p.dim for _, p in self.layers)
         else:
             self.projection = DenseProjection(self.spec.numel, dim, self.seed, kind)
@@ -127,13 +136,15 @@ class GradientSketcher:
 
     # -------------------------------------------------------------------------------------------- resolution
     def _linear_owners(self, modules: dict[str, nn.Module]) -> list[tuple[str, int]]:
-        """``[(layer name, has selected bias)]`` when every selected parameter is a Linear's weight or bias."""
+        """``[(layer name, has selected bias)]`` when every selected parameter is the weight or bias of a Linear or a
+        GPT-2 ``Conv1D``."""
         names = set(self.spec.names)
         out: list[tuple[str, int]] = []
         seen: set[str] = set()
         for pname in self.spec.names:
             layer, _, leaf = pname.rpartition(".")
-            if not isinstance(modules.get(layer), nn.Linear) or leaf not in ("weight", "bias"):
+            module = modules.get(layer)
+            if not (isinstance(module, nn.Linear) or is_conv1d(module)) or leaf not in ("weight", "bias"):
                 return []
             if f"{layer}.weight" not in names:  # a bias alone: not a Kronecker product
                 return []
@@ -281,6 +292,11 @@ class GradientSketcher:
         return torch.cat(out), (torch.cat(feats) if feats else None), (torch.cat(logits) if logits else None)
 
     # -------------------------------------------------------------------------------------------- query side
+    def _weight(self, parts: dict[str, Tensor], layer: str) -> Tensor:
+        """A layer's rows of s_test as ``[Q, out, in]`` (a ``Conv1D`` weight is stored ``[in, out]``)."""
+        w = parts[f"{layer}.weight"]
+        return w.transpose(-1, -2) if layer in self._transposed else w
+
     def query(self, s_test: Tensor) -> Tensor:
         """The projected s_test rows ``[Q, D]`` float32: ``sketch(z) . query(s) ~ grad L(z) . s``."""
         if s_test.dim() != 2 or s_test.shape[1] != self.spec.numel:
@@ -293,7 +309,9 @@ class GradientSketcher:
             w = parts[f"{self.layer}.weight"]
             q = head_query(w, parts.get(f"{self.layer}.bias"))
         elif self.method == "kronecker":
-            q = torch.cat([p.query(parts[f"{n}.weight"], parts.get(f"{n}.bias")) for n, p in self.layers], 1)
+            q = torch.cat(
+                [p.query(self._weight(parts, n), parts.get(f"{n}.bias")) for n, p in self.layers], 1
+            )
         else:
             if self.projection is None:  # set in __init__ for the dense method
                 raise RuntimeError("internal: dense sketching without a projection")
