@@ -151,11 +151,25 @@ class InfluenceModule(pl.LightningModule):
         return self.model(*args, **kwargs)
 
     def _theta(self) -> tuple[Tensor, ParamSpec]:
+        """The selected parameters as one flat vector ``[P]`` (float32 for a bf16/fp16 model) and their spec."""
+        self._state_notes()
         params = select_params(self.model, self.param_patterns)
         spec = ParamSpec.of(params)
-        return spec.flatten(params).detach(), spec
+        theta = spec.flatten(params).detach()
+        if self.loss.compute_dtype is not None and theta.dtype != self.loss.compute_dtype:
+            theta = theta.to(self.loss.compute_dtype)  # a copy: the model keeps its own weights
+        return theta, spec
+
+    def _state_notes(self) -> None:
+        """Log, once, what influence does to the model's call (caches off, math attention, float32 math)."""
+        if not getattr(self, "_notes_stated", False):
+            self._notes_stated = True
+            for note in self.loss.notes:
+                rank_zero_info(f"lightning_fastif: {note}")
 
     def _param_dtype(self) -> torch.dtype:
+        if self.loss.compute_dtype is not None:
+            return self.loss.compute_dtype
         return next(iter(select_params(self.model, self.param_patterns).values())).dtype
 
     def _param_device(self) -> torch.device:

@@ -1,0 +1,245 @@
+"""Language models as people train them (issue 19): sequence losses found automatically, HF defaults (sdpa attention,
+``use_cache=True``), LitGPT, bf16 models, tied weights. Every agreement is against a float64 reference built from
+explicit matrices (the Hessian, or the Gauss-Newton ``sum J^T H_out J``) on a parameter subset."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+import lightning_fastif as lf
+from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.functional.batch import slice_batch
+from lightning_fastif.functional.sequence import SequenceCrossEntropy
+
+pytest.importorskip("transformers")
+
+
+# ------------------------------------------------------------------------------------------------ references
+def _token_mean_ce(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
+    """Per-sequence mean token cross-entropy, written out one sequence at a time (the reference)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    out = []
+    for b in range(labels.shape[0]):
+        keep = labels[b] != -100
+        lp = torch.log_softmax(logits[b][keep], -1)
+        out.append(-lp.gather(-1, labels[b][keep][:, None]).mean())
+    return torch.stack(out)
+
+
+def _reference(
+    model: nn.Module,
+    train: Any,
+    query: Any,
+    names: list[str],
+    logits_fn: Any,
+    loss_of_logits: Any,
+    damping: float,
+    curvature: str,
+) -> Tensor:
+    """``-g_z . (C + damping I)^-1 g_q`` in float64, C the explicit Hessian or Gauss-Newton of the mean loss."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lightning_fastif.functional.batch import fetch, move_to
+
+    m = copy.deepcopy(model).double().eval()
+    base = {n: p.detach() for n, p in m.named_parameters()}
+    sizes = [base[n].numel() for n in names]
+    theta = torch.cat([base[n].reshape(-1) for n in names])
+
+    def logits_at(flat: Tensor, b: Any) -> Tensor:
+        ps = dict(base)
+        for n, piece in zip(names, torch.split(flat, sizes)):
+            ps[n] = piece.reshape(base[n].shape)
+        return logits_fn(lambda *a, **k: functional_call(m, ps, a, k), b)
+
+    def losses_at(flat: Tensor, b: Any) -> Tensor:
+        return loss_of_logits(logits_at(flat, b), b)
+
+    everything = move_to(fetch(train, list(range(len(train)))), "cpu", torch.float64)
+    q = move_to(query, "cpu", torch.float64)
+    n, p = len(train), theta.numel()
+    with sdpa_kernel(SDPBackend.MATH):
+        if curvature == "hessian":
+            c = hessian(lambda t: losses_at(t, everything).sum())(theta) / n
+        else:
+            c = torch.zeros(p, p, dtype=torch.float64)
+            for i in range(n):
+                b = slice_batch(everything, slice(i, i + 1))
+                jac = jacrev(logits_at)(theta, b).reshape(-1, p)  # [T*V, P]
+                out = logits_at(theta, b).detach()
+                h_out = hessian(lambda o, b=b, shape=out.shape: loss_of_logits(o.reshape(shape), b).sum())(
+                    out.reshape(-1)
+                )
+                c += jac.T @ h_out @ jac
+            c /= n
+        gq = jacrev(losses_at)(theta, q)  # [Q, P]
+        gz = jacrev(losses_at)(theta, everything)  # [N, P]
+    s = torch.linalg.solve(c + damping * torch.eye(p, dtype=torch.float64), gq.T).T
+    return -s @ gz.T
+
+
+def _hf_causal_logits(call: Any, b: dict[str, Tensor]) -> Tensor:
+    return call(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+
+
+def _agree(got: Tensor, ref: Tensor, rtol: float = 1e-2) -> None:
+    got = got.double()
+    assert got.shape == ref.shape
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) <= rtol * scale, (got, ref)
+    assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.9999
+
+
+GPT2_PARAMS = [
+    "transformer.h.1.attn.c_attn.bias",
+    "transformer.ln_f.weight",
+]  # through attention: double backward
+
+
+# ------------------------------------------------------------------------------------------------ the sequence loss
+def test_sequence_cross_entropy_token_losses_add_up_and_ignore_padding() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, 4:] = -100
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 5:] = 0  # padded but labelled: not counted either
+    batch = {"input_ids": labels.clamp(min=0), "attention_mask": mask, "labels": labels}
+    for shift in (False, True):
+        for reduction in ("mean", "sum"):
+            loss = SequenceCrossEntropy(reduction=reduction, shift=shift)
+            tok = loss.token_losses(logits, batch)
+            assert tok.shape == (3, 5 if shift else 6)
+            assert torch.equal(loss(logits, batch), tok.sum(-1))
+            lab = labels.masked_fill(mask == 0, -100)
+            lg, lb = (logits[:, :-1], lab[:, 1:]) if shift else (logits, lab)
+            for b in range(3):
+                keep = lb[b] != -100
+                ce = F.cross_entropy(lg[b][keep], lb[b][keep], reduction="none")
+                want = ce.mean() if reduction == "mean" else ce.sum()
+                assert torch.allclose(tok[b].sum(), want)
+                assert torch.all(tok[b][~keep] == 0)
+
+
+def test_sequence_cross_entropy_rejects_bad_arguments() -> None:
+    with pytest.raises(ConfigurationError, match="reduction"):
+        SequenceCrossEntropy(reduction="max")
+    loss = SequenceCrossEntropy()
+    with pytest.raises(ConfigurationError, match=r"token ids in \[0, 4\)"):
+        loss(torch.randn(1, 3, 4), {"labels": torch.tensor([[0, 9, -100]])})
+
+
+# ------------------------------------------------------------------------------------------------ HF GPT-2
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_hf_gpt2_defaults_need_no_loss_fn_and_match_float64(curvature: str) -> None:
+    from _models import hf_gpt2
+
+    model, train, query = hf_gpt2()
+    assert model.config.use_cache and model.config._attn_implementation == "sdpa"
+    im = lf.InfluenceModule(
+        model,
+        train,
+        params=GPT2_PARAMS,
+        solver=lf.ExactSolver(damping=0.1),
+        num_candidates=None,
+        curvature=curvature,
+        progress=False,
+    )
+    got = im.influence(query)
+    assert im.loss.source == "sequence" and im.loss.token_loss.shift
+    ref = _reference(
+        model,
+        train,
+        query,
+        GPT2_PARAMS,
+        _hf_causal_logits,
+        lambda lg, b: _token_mean_ce(lg, b["labels"], shift=True),
+        0.1,
+        curvature,
+    )
+    _agree(got, ref)
+    assert model.config.use_cache  # restored
+
+
+def test_hf_gpt2_states_caches_and_attention_once(caplog: pytest.LogCaptureFixture) -> None:
+    from _models import hf_gpt2
+
+    model, train, query = hf_gpt2(n_train=8, steps=2)
+    im = lf.InfluenceModule(
+        model, train, params=GPT2_PARAMS, solver=lf.CGSolver(damping=0.1), num_candidates=None, progress=False
+    )
+    with caplog.at_level("INFO"):
+        im.influence(query)
+        im.influence(query)
+    text = caplog.text
+    assert text.count("use_cache=False") == 1 and text.count("math SDPA kernel") == 1
+
+
+def test_hf_gpt2_sequence_classifier_matches_float64() -> None:
+    from _models import hf_gpt2_classifier
+
+    model, train, query = hf_gpt2_classifier()
+    names = ["transformer.h.1.attn.c_attn.bias", "score.weight"]
+    im = lf.InfluenceModule(
+        model,
+        train,
+        params=names,
+        solver=lf.ExactSolver(damping=0.1),
+        num_candidates=None,
+        curvature="gauss_newton",
+        progress=False,
+    )
+    got = im.influence(query)
+    ref = _reference(
+        model,
+        train,
+        query,
+        names,
+        _hf_causal_logits,
+        lambda lg, b: F.cross_entropy(lg, b["labels"], reduction="none"),
+        0.1,
+        "gauss_newton",
+    )
+    _agree(got, ref)
+
+
+# ------------------------------------------------------------------------------------------------ LitGPT
+def test_litgpt_needs_no_loss_fn_and_matches_float64() -> None:
+    pytest.importorskip("litgpt")
+    from _models import litgpt_lm
+
+    model, train, query = litgpt_lm()
+    names = ["transformer.h.1.attn.qkv.bias", "transformer.ln_f.weight"]
+    im = lf.InfluenceModule(
+        model, train, params=names, solver=lf.ExactSolver(damping=0.1), num_candidates=None, progress=False
+    )
+    got = im.influence(query)
+    assert im.loss.source == "sequence" and not im.loss.token_loss.shift
+    ref = _reference(
+        model,
+        train,
+        query,
+        names,
+        lambda call, b: call(b[0]),
+        lambda lg, b: _token_mean_ce(lg, b[1], shift=False),
+        0.1,
+        "hessian",
+    )
+    _agree(got, ref)
+
+
+# ------------------------------------------------------------------------------------------------ tied weights
+def test_tied_weight_pattern_names_the_weight_it_is_tied_to() -> None:
+    from _models import hf_gpt2
+
+    model, train, _ = hf_gpt2(n_train=4, steps=0)
+    with pytest.raises(ConfigurationError, match=r"tied to `transformer\.wte\.weight`"):
+        lf.InfluenceModule(model, train, params=["lm_head.*"], num_candidates=None)
