@@ -243,3 +243,56 @@ def test_tied_weight_pattern_names_the_weight_it_is_tied_to() -> None:
     model, train, _ = hf_gpt2(n_train=4, steps=0)
     with pytest.raises(ConfigurationError, match=r"tied to `transformer\.wte\.weight`"):
         lf.InfluenceModule(model, train, params=["lm_head.*"], num_candidates=None)
+
+
+# ------------------------------------------------------------------------------------------------ attention kernels
+def _corr(a: Tensor, b: Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+def test_cg_and_lissa_run_through_default_sdpa_attention() -> None:
+    """Gauss-Newton products need forward mode through attention: the CPU flash kernel has none (without the math
+    kernel this raises UnsupportedModelError)."""
+    from _models import hf_gpt2
+
+    model, train, query = hf_gpt2(n_train=16)
+
+    def run(solver: Any) -> Tensor:
+        im = lf.InfluenceModule(
+            model,
+            train,
+            params=GPT2_PARAMS,
+            solver=solver,
+            num_candidates=None,
+            curvature="gauss_newton",
+            progress=False,
+        )
+        return im.influence(query)
+
+    exact = run(lf.ExactSolver(damping=0.1))
+    cg = run(lf.CGSolver(damping=0.1, tol=1e-6, max_iter=200))
+    lissa = run(lf.LiSSASolver(damping=0.1, scale=20.0, depth=300, batch_size=8))
+    assert torch.allclose(cg, exact, atol=1e-4 * float(exact.abs().max()))
+    assert _corr(lissa, exact) > 0.99
+
+
+def test_ekfac_on_litgpt_with_sampled_tokens_tracks_exact_gauss_newton() -> None:
+    pytest.importorskip("litgpt")
+    from _models import litgpt_lm
+
+    model, train, query = litgpt_lm()
+    names = ["transformer.h.1.attn.qkv.*", "transformer.h.1.mlp.proj.*"]
+    exact = lf.InfluenceModule(
+        model,
+        train,
+        params=names,
+        solver=lf.ExactSolver(damping=0.1),
+        num_candidates=None,
+        curvature="gauss_newton",
+        progress=False,
+    ).influence(query)
+    ekfac = lf.InfluenceModule(
+        model, train, params=names, solver=lf.EKFACSolver(damping=0.1), num_candidates=None, progress=False
+    ).influence(query)
+    assert torch.isfinite(ekfac).all()
+    assert _corr(ekfac, exact) > 0.95

@@ -150,6 +150,24 @@ class SequenceCrossEntropy:
         """Per-sequence losses ``[B]``: ``token_losses(outputs, batch).sum(-1)``."""
         return self.token_losses(outputs, batch).sum(-1)
 
+    def sampled_batch(self, outputs: Any, batch: Any, uniform: Tensor) -> Any:
+        """``batch`` with its labels replaced by tokens drawn from the model's own predictive distribution at every
+        counted position (Gumbel-max on ``uniform [B, T', V]`` noise in (0, 1)): the loss on this batch has the true
+        Fisher's gradient distribution (K-FAC/EK-FAC with ``fisher="true"``)."""
+        logits, _, counted = self._aligned(outputs, batch)
+        gumbel = -torch.log(-torch.log(uniform[:, : logits.shape[1]].to(torch.float64)))
+        drawn = (torch.log_softmax(logits.detach().double(), -1) + gumbel).argmax(-1)
+        drawn = torch.where(counted, drawn, torch.full_like(drawn, self.ignore_index))
+        labels = labels_of(batch).long().clone()
+        if self.shift:
+            labels[:, 1:] = drawn
+        else:
+            labels = drawn
+        if isinstance(batch, Mapping):
+            key = "labels" if "labels" in batch else "label"
+            return {**batch, key: labels}
+        return type(batch)((batch[0], labels, *batch[2:]))
+
 
 def causal_lm_module(model: nn.Module) -> str | None:
     """The dotted name (``""`` for the model itself) of a Hugging Face causal LM inside ``model`` (a class named
