@@ -296,3 +296,81 @@ def test_ekfac_on_litgpt_with_sampled_tokens_tracks_exact_gauss_newton() -> None
     ).influence(query)
     assert torch.isfinite(ekfac).all()
     assert _corr(ekfac, exact) > 0.95
+
+
+# ------------------------------------------------------------------------------------------------ bf16 / fp16
+def _hf_causal_reference(model: nn.Module, train: Any, query: Any) -> Tensor:
+    return _reference(
+        model,
+        train,
+        query,
+        GPT2_PARAMS,
+        _hf_causal_logits,
+        lambda lg, b: _token_mean_ce(lg, b["labels"], shift=True),
+        0.1,
+        "gauss_newton",
+    )
+
+
+def test_bf16_trained_model_explained_in_float32_without_being_changed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from _models import _batches, hf_gpt2, train_steps
+
+    from lightning_fastif.functional.params import fingerprint
+
+    model, train, query = hf_gpt2(n_train=16, steps=5)
+    model = model.to(torch.bfloat16)
+    train_steps(model, lambda b: model(**b).loss, _batches(train, 8), 3, lr=0.01)  # bf16 training steps
+    before = fingerprint(model)
+    im = lf.InfluenceModule(
+        model,
+        train,
+        params=GPT2_PARAMS,
+        solver=lf.ExactSolver(damping=0.1),
+        num_candidates=None,
+        curvature="gauss_newton",
+        progress=False,
+    )
+    with caplog.at_level("INFO"):
+        got = im.influence(query)
+    assert got.dtype == torch.float32
+    assert fingerprint(model) == before and next(model.parameters()).dtype == torch.bfloat16
+    assert caplog.text.count("in float32") == 1
+    _agree(got, _hf_causal_reference(model, train, query))  # float64 at the bf16 weights
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_predict_under_a_bf16_precision_plugin(precision: str) -> None:
+    import lightning.pytorch as pl
+    from _models import DictDataset, hf_gpt2
+    from torch.utils.data import DataLoader
+
+    model, train, query = hf_gpt2(n_train=16, steps=5)
+    im = lf.InfluenceModule(
+        model,
+        train,
+        params=GPT2_PARAMS,
+        solver=lf.ExactSolver(damping=0.1),
+        num_candidates=None,
+        curvature="gauss_newton",
+        top_k=3,
+        progress=False,
+    )
+    trainer = pl.Trainer(
+        precision=precision,
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+    )
+    results = [
+        r for batch in trainer.predict(im, DataLoader(DictDataset(**query), batch_size=2)) for r in batch
+    ]
+    # bf16-mixed keeps float32 weights: the scores are those of float32 math (autocast would cost ~1e-3 relative);
+    # bf16-true converts the weights: the scores are float32 math at the bf16 weights
+    ref = _hf_causal_reference(model, train, query)
+    for q, r in enumerate(results):
+        want = ref[q][torch.as_tensor(r.helpful_ids, dtype=torch.long)]
+        assert torch.allclose(torch.tensor(r.helpful_scores, dtype=torch.float64), want, rtol=2e-4, atol=1e-6)

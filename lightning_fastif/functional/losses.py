@@ -332,7 +332,6 @@ class PerExampleLoss:
         self.plain_cross_entropy = False
         self.sequence: SequenceCrossEntropy | None = None  # the sequence loss in use, when there is one
         self._caches = cached_configs(model)
-        self.compute_dtype = compute_dtype(model)
         self._f32: tuple[tuple[Any, ...], dict[str, Tensor]] | None = None
         if isinstance(loss_fn, SequenceCrossEntropy):
             self.source = "loss_fn"
@@ -359,10 +358,16 @@ class PerExampleLoss:
                 self.source = "classification"
                 self.description = DEFAULT_DESCRIPTION
                 self.plain_cross_entropy = True
-        self.notes = self._notes()
         self._graph = _LossGraph(model, self)
 
-    def _notes(self) -> list[str]:
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """float32 when the model has bf16/fp16 weights now (a precision plugin may convert it after this loss was
+        resolved), else None (the model's own dtype)."""
+        return compute_dtype(self.model)
+
+    @property
+    def notes(self) -> list[str]:
         """What influence does to the model's call, in words (logged once by the module)."""
         notes = []
         if self._caches:

@@ -38,6 +38,7 @@ __all__ = [
     "causal_lm_module",
     "compute_dtype",
     "float32_tensors",
+    "full_precision",
     "has_attention",
     "math_attention",
     "sequence_loss_for",
@@ -222,16 +223,23 @@ def has_attention(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Autocast off (on CPU and CUDA) for the duration: a precision plugin's autocast (``bf16-mixed``) would run the
+    curvature, solves and scores in bf16."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if device == "cpu" or torch.cuda.is_available():
+                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+        yield
+
+
+@contextlib.contextmanager
 def math_attention() -> Iterator[None]:
     """Run ``scaled_dot_product_attention`` on its math kernel and autocast off (float32 math): fused attention
     kernels (flash, memory-efficient, cuDNN, the CPU flash kernel) have no double backward and no forward mode."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        for device in ("cpu", "cuda"):
-            if device == "cpu" or torch.cuda.is_available():
-                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+    with sdpa_kernel(SDPBackend.MATH), full_precision():
         yield
 
 

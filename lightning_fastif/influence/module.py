@@ -26,6 +26,7 @@ from lightning_fastif.functional.grads import per_example_grads_and_losses
 from lightning_fastif.functional.losses import check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
 from lightning_fastif.functional.scores import merge_topk, score_batch, split_topk
+from lightning_fastif.functional.sequence import full_precision
 from lightning_fastif.functional.solvers.base import Solver
 from lightning_fastif.influence.candidates import resolve_candidate_index
 from lightning_fastif.influence.checks import check_arguments, check_training_finite
@@ -437,9 +438,10 @@ class InfluenceModule(pl.LightningModule):
             if len(keep) < n:
                 batch = slice_batch(batch, torch.tensor(keep))
                 query_ids = [query_ids[i] for i in keep]
-        if getattr(self, "group_queries", False):  # one result for the mean loss of the batch's queries
-            return [self.explain_group(batch, query_ids)]
-        return self.explain(batch, query_ids)
+        with full_precision():  # a precision plugin's autocast (bf16-mixed) must not reach solves and scores
+            if getattr(self, "group_queries", False):  # one result for the mean loss of the batch's queries
+                return [self.explain_group(batch, query_ids)]
+            return self.explain(batch, query_ids)
 
     def explain_group(self, batch: Any, query_ids: Sequence[int] | None = None) -> InfluenceResult:
         """One result for the mean loss of ``batch`` (a group query: one s_test); its ``group`` lists the members.

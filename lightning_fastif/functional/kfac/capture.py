@@ -89,7 +89,11 @@ def fisher_mode(loss: Any, fisher: str) -> str:
     be split, such as a module's own ``per_example_loss``)."""
     if fisher == "empirical":
         return "empirical"
-    if fisher == "true" and getattr(loss, "token_loss", None) is not None and callable(getattr(loss, "split", None)):
+    if (
+        fisher == "true"
+        and getattr(loss, "token_loss", None) is not None
+        and callable(getattr(loss, "split", None))
+    ):
         return "sampled_tokens"  # a sequence loss: one token drawn per position from the model's distribution
     source = getattr(loss, "source", "classification")
     if source == "classification":
