@@ -374,3 +374,73 @@ def test_predict_under_a_bf16_precision_plugin(precision: str) -> None:
     for q, r in enumerate(results):
         want = ref[q][torch.as_tensor(r.helpful_ids, dtype=torch.long)]
         assert torch.allclose(torch.tensor(r.helpful_scores, dtype=torch.float64), want, rtol=2e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+_LM_CONFIG = """
+model:
+  class_path: _lm_cli.TinyGPT2LM
+data:
+  class_path: _lm_cli.TinyTextData
+trainer:
+  logger: false
+  enable_progress_bar: false
+ckpt_path: null
+index_dir: null
+output_dir: {out}
+num_candidates: null
+top_k: 3
+report: true
+loss: causal_lm
+forward_fn: _lm_cli.call_lm
+curvature: gauss_newton
+params: [lm.transformer.h.1.attn.c_attn.bias]
+solver:
+  class_path: lightning_fastif.CGSolver
+  init_args: {{damping: 0.1}}
+queries: {{split: val, select: first, n: 2, batch_size: 2}}
+"""
+
+
+def test_cli_explains_a_language_model_from_yaml(tmp_path: Any) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    config = tmp_path / "lm.yaml"
+    config.write_text(_LM_CONFIG.format(out=tmp_path / "out"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]), OMP_NUM_THREADS="1")
+    code = "from lightning_fastif.cli.app import main; main()"
+    run = subprocess.run(
+        [sys.executable, "-c", code, "influence", "-c", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "influence.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(len(r["helpful_ids"]) == 3 for r in records)
+    assert "shifted" in json.dumps(records[0])  # the causal-LM preset's loss is recorded
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_cli_loss_and_forward_settings_resolve_presets_and_import_paths() -> None:
+    from lightning_fastif.cli.inputs import resolve_forward_setting, resolve_loss_setting
+
+    causal = resolve_loss_setting("causal_lm")
+    assert isinstance(causal, SequenceCrossEntropy) and causal.shift
+    assert resolve_loss_setting("sequence_sum").reduction == "sum"
+    assert resolve_loss_setting(None) is None
+    found = resolve_loss_setting("lightning_fastif.functional.sequence.SequenceCrossEntropy")  # a class: made
+    assert isinstance(found, SequenceCrossEntropy) and not found.shift
+    assert resolve_forward_setting("_lm_cli.call_lm").__name__ == "call_lm"
+    with pytest.raises(ConfigurationError, match="`loss`"):
+        resolve_loss_setting("causal")
+    with pytest.raises(ConfigurationError, match="PYTHONPATH"):
+        resolve_loss_setting("no_such_package.losses.my_loss")
+    with pytest.raises(ConfigurationError, match="has no 'nope'"):
+        resolve_forward_setting("_lm_cli.nope")
