@@ -444,3 +444,35 @@ def test_cli_loss_and_forward_settings_resolve_presets_and_import_paths() -> Non
         resolve_loss_setting("no_such_package.losses.my_loss")
     with pytest.raises(ConfigurationError, match="has no 'nope'"):
         resolve_forward_setting("_lm_cli.nope")
+
+
+# ------------------------------------------------------------------------------------------------ token classification
+def test_hf_token_classifier_needs_no_loss_fn_and_matches_float64() -> None:
+    """``BertForTokenClassification`` (sdpa) with ``labels [B, T]`` (-100 on padding): a sequence loss, no shift."""
+    from _models import DictDataset, _batches, _bert_config, _tokens, train_steps
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(0)
+    model = BertForTokenClassification(_bert_config("sdpa", num_labels=3))
+    data = _tokens(20, 8, 30, 0)
+    data["labels"] = (data["input_ids"] % 3).masked_fill(data["attention_mask"] == 0, -100)
+    train = DictDataset(**{k: v[:18] for k, v in data.items()})
+    query = {k: v[18:] for k, v in data.items()}
+    train_steps(model, lambda b: model(**b).loss, _batches(train, 6), 6, lr=0.01)
+    names = ["bert.encoder.layer.0.attention.self.query.bias", "classifier.weight"]
+    im = lf.InfluenceModule(
+        model, train, params=names, solver=lf.ExactSolver(damping=0.1), num_candidates=None, progress=False
+    )
+    got = im.influence(query)
+    assert im.loss.source == "sequence" and not im.loss.token_loss.shift
+    ref = _reference(
+        model,
+        train,
+        query,
+        names,
+        lambda call, b: call(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+        lambda lg, b: _token_mean_ce(lg, b["labels"], shift=False),
+        0.1,
+        "hessian",
+    )
+    _agree(got, ref)
