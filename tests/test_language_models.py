@@ -434,6 +434,11 @@ def test_cli_loss_and_forward_settings_resolve_presets_and_import_paths() -> Non
     causal = resolve_loss_setting("causal_lm")
     assert isinstance(causal, SequenceCrossEntropy) and causal.shift
     assert resolve_loss_setting("sequence_sum").reduction == "sum"
+    assert (
+        resolve_loss_setting("causal_lm_sum").shift
+        and resolve_loss_setting("causal_lm_sum").reduction == "sum"
+    )
+    assert lf.SequenceCrossEntropy is SequenceCrossEntropy
     assert resolve_loss_setting(None) is None
     found = resolve_loss_setting("lightning_fastif.functional.sequence.SequenceCrossEntropy")  # a class: made
     assert isinstance(found, SequenceCrossEntropy) and not found.shift

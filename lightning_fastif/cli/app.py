@@ -146,7 +146,7 @@ class InfluenceTrainer(pl.Trainer):
                 scored instead (the curvature still comes from the training set); ids then refer to it and every
                 record says ``extra.pool``; its index is built in memory.
             loss: the per-example loss: a preset (causal_lm: Hugging Face causal LM batches, shifted token
-                cross-entropy, mean per sequence; sequence / sequence_sum: logits [B, T, V] against aligned labels
+                cross-entropy, mean per sequence; causal_lm_sum: summed; sequence / sequence_sum: logits [B, T, V] against aligned labels
                 [B, T]; token_classification; sequence_classification) or the import path of a
                 ``callable(outputs, batch) -> [B]`` (``mypkg.losses.my_loss``; a class is instantiated). Default: found
                 automatically (the module's per_example_loss, a loss module on it, or cross-entropy).

@@ -187,7 +187,14 @@ def _select_queries(
     return wrong[: sel.n]
 
 
-LOSS_PRESETS = ("causal_lm", "sequence", "sequence_sum", "token_classification", "sequence_classification")
+LOSS_PRESETS = (
+    "causal_lm",
+    "causal_lm_sum",
+    "sequence",
+    "sequence_sum",
+    "token_classification",
+    "sequence_classification",
+)
 """Named losses the CLI's ``loss`` takes besides import paths (see :func:`resolve_loss_setting`)."""
 
 
@@ -219,7 +226,7 @@ def resolve_loss_setting(loss: Any) -> Any:
     path of a ``callable(outputs, batch) -> [B]`` (a class is instantiated without arguments), or a callable.
 
     Presets: ``causal_lm`` (Hugging Face causal LM batches: token cross-entropy, shifted, mean over each sequence's
-    tokens), ``sequence`` (logits ``[B, T, V]`` against labels ``[B, T]`` already aligned, e.g. LitGPT
+    tokens; ``causal_lm_sum``: summed over them), ``sequence`` (logits ``[B, T, V]`` against labels ``[B, T]`` already aligned, e.g. LitGPT
     ``(input_ids, targets)``), ``sequence_sum`` (the same, summed over the tokens), ``token_classification``
     (= ``sequence``), ``sequence_classification`` (cross-entropy of logits ``[B, C]`` against ``labels [B]``).
     """
@@ -231,8 +238,8 @@ def resolve_loss_setting(loss: Any) -> Any:
         raise ConfigurationError(
             f"Expected `loss` to be one of {', '.join(LOSS_PRESETS)} or an import path, but got {loss!r}."
         )
-    if loss == "causal_lm":
-        return SequenceCrossEntropy(shift=True)
+    if loss in ("causal_lm", "causal_lm_sum"):
+        return SequenceCrossEntropy(reduction="sum" if loss.endswith("_sum") else "mean", shift=True)
     if loss in ("sequence", "token_classification"):
         return SequenceCrossEntropy(shift=False)
     if loss == "sequence_sum":
