@@ -481,3 +481,25 @@ def test_hf_token_classifier_needs_no_loss_fn_and_matches_float64() -> None:
         "hessian",
     )
     _agree(got, ref)
+
+
+def test_loss_exposes_its_token_losses_for_per_token_influence() -> None:
+    """``im.loss.token_loss`` is the protocol object per-token influence reads: the resolved sequence loss, or a
+    user's ``loss_fn`` with ``token_losses``; None for a per-example classification loss."""
+    from lightning_fastif.functional.losses import resolve_loss
+
+    class Mine:
+        def token_losses(self, outputs: Tensor, batch: Any) -> Tensor:
+            return outputs.logsumexp(-1)
+
+        def __call__(self, outputs: Tensor, batch: Any) -> Tensor:
+            return self.token_losses(outputs, batch).sum(-1)
+
+    mine = Mine()
+    assert resolve_loss(nn.Linear(2, 3), mine).token_loss is mine
+    assert resolve_loss(nn.Linear(2, 3)).token_loss is None
+    seq = resolve_loss(nn.Embedding(5, 4))
+    batch = (torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, -100]]))
+    losses = seq({}, batch)  # logits [1, 3, 4] with labels [1, 3]: the sequence loss, found at the first call
+    assert seq.token_loss is not None and seq.source == "sequence"
+    assert torch.equal(losses, seq.token_loss.token_losses(seq.outputs(batch), batch).sum(-1))

@@ -330,7 +330,7 @@ class PerExampleLoss:
         self.forward_fn = check_forward_fn(forward_fn)
         self.module_loss: _ModuleLoss | None = None
         self.plain_cross_entropy = False
-        self.sequence: SequenceCrossEntropy | None = None  # the sequence loss in use, when there is one
+        self.sequence: Any = None  # the sequence loss in use (with token_losses), when there is one
         self._caches = cached_configs(model)
         self._f32: tuple[tuple[Any, ...], dict[str, Tensor]] | None = None
         if isinstance(loss_fn, SequenceCrossEntropy):
@@ -340,6 +340,10 @@ class PerExampleLoss:
         elif loss_fn is not None:
             self.source = "loss_fn"
             self.description = f"loss_fn ({getattr(loss_fn, '__qualname__', type(loss_fn).__name__)})"
+            if callable(
+                getattr(loss_fn, "token_losses", None)
+            ):  # a user's sequence loss of the same protocol
+                self.sequence = loss_fn
         elif callable(getattr(model, "per_example_loss", None)):
             self.source = "per_example_loss"
             self.description = f"{type(model).__name__}.per_example_loss"
@@ -390,8 +394,10 @@ class PerExampleLoss:
         return notes
 
     @property
-    def token_loss(self) -> SequenceCrossEntropy | None:
-        """The sequence loss (with ``token_losses(outputs, batch) -> [B, T]``) when the loss is one, else None.
+    def token_loss(self) -> Any:
+        """The sequence loss (with ``token_losses(outputs, batch) -> [B, T]``, summing over T to the per-sequence
+        loss; see :mod:`lightning_fastif.functional.sequence`) when the loss is one, else None: a
+        :class:`SequenceCrossEntropy`, or a user's ``loss_fn`` that has ``token_losses``.
 
         A default-resolved classification loss becomes a sequence loss when it first sees logits ``[B, T, V]`` with
         labels ``[B, T]``.

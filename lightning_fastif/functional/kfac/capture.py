@@ -91,7 +91,7 @@ def fisher_mode(loss: Any, fisher: str) -> str:
         return "empirical"
     if (
         fisher == "true"
-        and getattr(loss, "token_loss", None) is not None
+        and callable(getattr(getattr(loss, "token_loss", None), "sampled_batch", None))
         and callable(getattr(loss, "split", None))
     ):
         return "sampled_tokens"  # a sequence loss: one token drawn per position from the model's distribution
