@@ -212,14 +212,21 @@ def test_hf_gpt2_sequence_classifier_matches_float64() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ LitGPT
-def test_litgpt_needs_no_loss_fn_and_matches_float64() -> None:
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_litgpt_needs_no_loss_fn_and_matches_float64(curvature: str) -> None:
     pytest.importorskip("litgpt")
     from _models import litgpt_lm
 
     model, train, query = litgpt_lm()
     names = ["transformer.h.1.attn.qkv.bias", "transformer.ln_f.weight"]
     im = lf.InfluenceModule(
-        model, train, params=names, solver=lf.ExactSolver(damping=0.1), num_candidates=None, progress=False
+        model,
+        train,
+        params=names,
+        solver=lf.ExactSolver(damping=0.1),
+        num_candidates=None,
+        curvature=curvature,
+        progress=False,
     )
     got = im.influence(query)
     assert im.loss.source == "sequence" and not im.loss.token_loss.shift
@@ -231,7 +238,7 @@ def test_litgpt_needs_no_loss_fn_and_matches_float64() -> None:
         lambda call, b: call(b[0]),
         lambda lg, b: _token_mean_ce(lg, b[1], shift=False),
         0.1,
-        "hessian",
+        curvature,
     )
     _agree(got, ref)
 
@@ -276,17 +283,17 @@ def test_cg_and_lissa_run_through_default_sdpa_attention() -> None:
     assert _corr(lissa, exact) > 0.99
 
 
-def test_ekfac_on_litgpt_with_sampled_tokens_tracks_exact_gauss_newton() -> None:
+def test_ekfac_on_litgpt_with_sampled_tokens_tracks_the_gauss_newton_solution() -> None:
     pytest.importorskip("litgpt")
     from _models import litgpt_lm
 
     model, train, query = litgpt_lm()
-    names = ["transformer.h.1.attn.qkv.*", "transformer.h.1.mlp.proj.*"]
+    names = ["transformer.h.1.attn.qkv.*"]
     exact = lf.InfluenceModule(
         model,
         train,
         params=names,
-        solver=lf.ExactSolver(damping=0.1),
+        solver=lf.CGSolver(damping=0.1, tol=1e-6, max_iter=300),
         num_candidates=None,
         curvature="gauss_newton",
         progress=False,
