@@ -41,6 +41,7 @@ __all__ = [
     "reference_influence",
     "regression_net",
     "smoothed_net",
+    "torch_transformer",
     "train_steps",
     "tuple_net",
     "two_input_forward",
@@ -555,6 +556,38 @@ def litgpt_lm(
 
     def loss_of(b: Any) -> Tensor:
         return F.cross_entropy(model(b[0]).reshape(-1, 64), b[1].reshape(-1), ignore_index=-100)
+
+    train_steps(model, loss_of, _batches(train, 8), steps, lr=0.01)
+    return model, train, (x[n_train:], y[n_train:])
+
+
+class TorchTransformerTagger(nn.Module):
+    """``nn.TransformerEncoder`` (torch's native layer: fused fast path in eval) over token embeddings, a token head."""
+
+    def __init__(self, vocab: int = 20, d: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.enc(self.emb(x)))
+
+
+def torch_transformer(
+    n_train: int = 16, n_query: int = 2, seq: int = 6, steps: int = 10, seed: int = 0
+) -> tuple[nn.Module, TensorDataset, tuple[Tensor, Tensor]]:
+    """:class:`TorchTransformerTagger` trained to tag each token with its successor: batches ``(x [B, T], y [B, T])``."""
+    torch.manual_seed(seed)
+    model = TorchTransformerTagger()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 20, (n_train + n_query, seq), generator=g)
+    y = (x + 1) % 20
+    train = TensorDataset(x[:n_train], y[:n_train])
+
+    def loss_of(b: Any) -> Tensor:
+        return F.cross_entropy(model(b[0]).reshape(-1, 20), b[1].reshape(-1))
 
     train_steps(model, loss_of, _batches(train, 8), steps, lr=0.01)
     return model, train, (x[n_train:], y[n_train:])

@@ -305,6 +305,36 @@ def test_ekfac_on_litgpt_with_sampled_tokens_tracks_the_gauss_newton_solution() 
     assert _corr(ekfac, exact) > 0.95
 
 
+def test_torch_native_transformer_layer_gauss_newton_matches_float64() -> None:
+    """``nn.TransformerEncoderLayer`` in eval takes a fused path with no forward mode: it is switched off."""
+    from _models import torch_transformer
+
+    model, train, query = torch_transformer()
+    names = ["enc.layers.0.self_attn.in_proj_bias", "head.bias"]
+    im = lf.InfluenceModule(
+        model,
+        train,
+        params=names,
+        solver=lf.ExactSolver(damping=0.1),
+        num_candidates=None,
+        curvature="gauss_newton",
+        progress=False,
+    )
+    got = im.influence(query)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    ref = _reference(
+        model,
+        train,
+        query,
+        names,
+        lambda call, b: call(b[0]),
+        lambda lg, b: _token_mean_ce(lg, b[1], shift=False),
+        0.1,
+        "gauss_newton",
+    )
+    _agree(got, ref)
+
+
 # ------------------------------------------------------------------------------------------------ bf16 / fp16
 def _hf_causal_reference(model: nn.Module, train: Any, query: Any) -> Tensor:
     return _reference(

@@ -235,12 +235,23 @@ def full_precision() -> Iterator[None]:
 
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
-    """Run ``scaled_dot_product_attention`` on its math kernel and autocast off (float32 math): fused attention
-    kernels (flash, memory-efficient, cuDNN, the CPU flash kernel) have no double backward and no forward mode."""
+    """Run ``scaled_dot_product_attention`` on its math kernel, ``nn.MultiheadAttention`` off its fused fast path, and
+    autocast off (float32 math): fused attention kernels (flash, memory-efficient, cuDNN, the CPU flash kernel, torch's
+    native transformer layers) have no double backward and no forward mode."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH), full_precision():
-        yield
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha is not None else None
+    if (
+        mha is not None
+    ):  # nn.MultiheadAttention / TransformerEncoderLayer's fused eval path: no forward mode either
+        mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), full_precision():
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fast)
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype | None:
