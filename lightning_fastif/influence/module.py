@@ -44,7 +44,12 @@ class InfluenceModule(pl.LightningModule):
         model: a LightningModule or plain ``nn.Module``, used as is (never mutated).
         train_dataset: map-style dataset; position i is training example id i.
         loss_fn: ``callable(outputs, batch) -> [B]`` per-example losses; default: the module's
-            ``per_example_loss(batch)``, else cross-entropy on ``(x, y)`` / ``{"labels": ...}`` batches.
+            ``per_example_loss(batch)``, else cross-entropy on ``(x, y)`` / ``{"labels": ...}`` batches; logits
+            ``[B, T, V]`` with labels ``[B, T]`` get the per-sequence token cross-entropy (-100 ignored, mean over
+            the sequence's tokens), shifted for a Hugging Face ``*ForCausalLM``
+            (:class:`~lightning_fastif.SequenceCrossEntropy`; pass one for ``reduction="sum"``). Every model call of
+            influence runs with key/value caches off, attention on the math SDPA kernel, and float32 copies of a
+            bf16/fp16 model's weights (each stated once in the log).
         params: glob patterns of parameter names to differentiate (default: all with ``requires_grad``).
         solver: ``"auto"`` / an ``AutoSolver`` (the default: Exact when the dense system fits in memory, else EK-FAC, else CG on
             Gauss-Newton, with ``damping="auto"``), ``ExactSolver``, ``CGSolver``, ``LiSSASolver``, ``EKFACSolver``...
