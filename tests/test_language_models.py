@@ -420,6 +420,7 @@ model:
 data:
   class_path: _lm_cli.TinyTextData
 trainer:
+  default_root_dir: {root}
   logger: false
   enable_progress_bar: false
 ckpt_path: null
@@ -448,12 +449,13 @@ def test_cli_explains_a_language_model_from_yaml(tmp_path: Any) -> None:
 
     tests = Path(__file__).resolve().parent
     config = tmp_path / "lm.yaml"
-    config.write_text(_LM_CONFIG.format(out=tmp_path / "out"))
+    config.write_text(_LM_CONFIG.format(out=tmp_path / "out", root=tmp_path))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]), OMP_NUM_THREADS="1")
     code = "from lightning_fastif.cli.app import main; main()"
     run = subprocess.run(
         [sys.executable, "-c", code, "influence", "-c", str(config)],
         env=env,
+        cwd=tmp_path,  # nothing lands in the checkout
         capture_output=True,
         text=True,
         timeout=600,
