@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "IdentitySolver": "lightning_fastif.evaluation.lds",
     "LDSSettings": "lightning_fastif.evaluation.lds",
     "lds_check": "lightning_fastif.evaluation.lds",
+    "SequenceCrossEntropy": "lightning_fastif.functional.sequence",
 }
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "LDSSettings",
     "LiSSASolver",
     "PoolInfluenceModule",
+    "SequenceCrossEntropy",
     "SliceSpec",
     "__version__",
     "approximation_diagnostics",
@@ -90,6 +92,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_fastif.evaluation.diagnostics import approximation_diagnostics, compare_candidate_spaces
+    from lightning_fastif.functional.sequence import SequenceCrossEntropy
     from lightning_fastif.functional.solvers.exact_cg import CGSolver, ExactSolver
     from lightning_fastif.functional.solvers.lissa import LiSSASolver
     from lightning_fastif.influence.module import InfluenceModule

@@ -12,6 +12,8 @@ few optimiser steps). The models:
 - :func:`regression_net` — MSE regression with ``self.criterion = nn.MSELoss()``; ``outputs=1`` gives ``[B]``
   float targets, ``outputs=2`` a multi-output ``[B, 2]`` target.
 - :func:`smoothed_net` — classifier trained with ``self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)``.
+- :func:`hf_gpt2`, :func:`hf_gpt2_classifier`, :func:`litgpt_lm` — language models built from configs (2 layers,
+  32 dims, vocab 64; HF defaults: sdpa attention, ``use_cache=True``), a few steps trained.
 - :func:`two_input_net` — like ``lightning.pytorch.demos.LightningTransformer``: ``forward(inputs, target)``; its
   per-example loss is the mean token NLL (see :func:`two_input_forward` / :func:`two_input_loss`).
 
@@ -33,9 +35,13 @@ __all__ = [
     "bn_cnn",
     "hf_bert",
     "hf_bert_lightning",
+    "hf_gpt2",
+    "hf_gpt2_classifier",
+    "litgpt_lm",
     "reference_influence",
     "regression_net",
     "smoothed_net",
+    "torch_transformer",
     "train_steps",
     "tuple_net",
     "two_input_forward",
@@ -465,3 +471,123 @@ class _Bound(nn.Module):
 
     def forward(self, batch: Any) -> Tensor:
         return self.per_example_loss(self.m, batch)
+
+
+# ------------------------------------------------------------------------------------------------ (g) language models
+def _lm_tokens(n: int, seq: int, vocab: int, seed: int) -> dict[str, Tensor]:
+    """Sequences with a pattern to learn (each token = previous + 1 mod V, with noise) and right padding."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(1, vocab, (n, 1), generator=g)
+    ids = (start + torch.arange(seq)[None, :]) % (vocab - 1) + 1
+    noise = torch.rand(n, seq, generator=g) < 0.2
+    ids = torch.where(noise, torch.randint(1, vocab, (n, seq), generator=g), ids)
+    lengths = torch.randint(seq - 3, seq + 1, (n,), generator=g)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    ids = ids * mask  # 0 = padding
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _gpt2_config(**kw: Any) -> Any:
+    from transformers import GPT2Config
+
+    base = dict(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    base.update(kw)
+    return GPT2Config(**base)  # default attention (sdpa) and default use_cache=True
+
+
+def hf_gpt2(
+    n_train: int = 24, n_query: int = 2, seq: int = 8, steps: int = 15, seed: int = 0
+) -> tuple[nn.Module, DictDataset, dict[str, Tensor]]:
+    """A tiny Hugging Face ``GPT2LMHeadModel`` built from a config (2 layers, 32 dims, vocab 64; no download), with
+    its defaults (sdpa attention, ``use_cache=True``), a few steps trained on causal-LM batches
+    ``{input_ids, attention_mask, labels}`` (labels = input ids, -100 on padding; the model shifts inside)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(_gpt2_config())
+    data = _lm_tokens(n_train + n_query, seq, 64, seed)
+    train = DictDataset(**{k: v[:n_train] for k, v in data.items()})
+    query = {k: v[n_train:] for k, v in data.items()}
+    train_steps(model, lambda b: model(**b).loss, _batches(train, 8), steps, lr=0.01)
+    return model, train, query
+
+
+def hf_gpt2_classifier(
+    n_train: int = 24, n_query: int = 2, seq: int = 8, steps: int = 15, seed: int = 0
+) -> tuple[nn.Module, DictDataset, dict[str, Tensor]]:
+    """A tiny ``GPT2ForSequenceClassification`` (2 labels, last non-padding token pooled) from a config."""
+    from transformers import GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = GPT2ForSequenceClassification(_gpt2_config(num_labels=2))
+    data = _lm_tokens(n_train + n_query, seq, 64, seed)
+    data["labels"] = (data["input_ids"][:, 0] >= 32).long()
+    train = DictDataset(**{k: v[:n_train] for k, v in data.items()})
+    query = {k: v[n_train:] for k, v in data.items()}
+    train_steps(model, lambda b: model(**b).loss, _batches(train, 8), steps, lr=0.01)
+    return model, train, query
+
+
+def litgpt_lm(
+    n_train: int = 24, n_query: int = 2, seq: int = 8, steps: int = 15, seed: int = 0
+) -> tuple[nn.Module, TensorDataset, tuple[Tensor, Tensor]]:
+    """A LitGPT ``GPT`` from a shrunk pythia config (2 layers, 32 dims, vocab 64), trained on ``(input_ids,
+    targets)`` batches as LitGPT's own fine-tuning makes them (targets already shifted, -100 ignored)."""
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    torch.manual_seed(seed)
+    cfg = Config.from_name(
+        "pythia-14m", n_layer=2, n_embd=32, n_head=2, vocab_size=64, padded_vocab_size=64, block_size=16
+    )
+    model = GPT(cfg)
+    data = _lm_tokens(n_train + n_query, seq + 1, 64, seed)
+    x, y = data["input_ids"][:, :-1], data["labels"][:, 1:]
+    train = TensorDataset(x[:n_train], y[:n_train])
+
+    def loss_of(b: Any) -> Tensor:
+        return F.cross_entropy(model(b[0]).reshape(-1, 64), b[1].reshape(-1), ignore_index=-100)
+
+    train_steps(model, loss_of, _batches(train, 8), steps, lr=0.01)
+    return model, train, (x[n_train:], y[n_train:])
+
+
+class TorchTransformerTagger(nn.Module):
+    """``nn.TransformerEncoder`` (torch's native layer: fused fast path in eval) over token embeddings, a token head."""
+
+    def __init__(self, vocab: int = 20, d: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.enc(self.emb(x)))
+
+
+def torch_transformer(
+    n_train: int = 16, n_query: int = 2, seq: int = 6, steps: int = 10, seed: int = 0
+) -> tuple[nn.Module, TensorDataset, tuple[Tensor, Tensor]]:
+    """:class:`TorchTransformerTagger` trained to tag each token with its successor: batches ``(x [B, T], y [B, T])``."""
+    torch.manual_seed(seed)
+    model = TorchTransformerTagger()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 20, (n_train + n_query, seq), generator=g)
+    y = (x + 1) % 20
+    train = TensorDataset(x[:n_train], y[:n_train])
+
+    def loss_of(b: Any) -> Tensor:
+        return F.cross_entropy(model(b[0]).reshape(-1, 20), b[1].reshape(-1))
+
+    train_steps(model, loss_of, _batches(train, 8), steps, lr=0.01)
+    return model, train, (x[n_train:], y[n_train:])

@@ -53,6 +53,8 @@ class InfluenceTrainer(pl.Trainer):
         sketch: str = "auto",
         sketch_dim: int = 1024,
         float16: bool = False,
+        loss: str | None = None,
+        forward_fn: str | None = None,
     ) -> Path:
         """Build the FastIF candidate index (penultimate-layer features of the training set) from a checkpoint.
 
@@ -73,6 +75,8 @@ class InfluenceTrainer(pl.Trainer):
             sketch: (gradients) auto, head (exact, final Linear), kronecker (LoGra, Linear layers) or dense.
             sketch_dim: (gradients) dimension of the random projections.
             float16: (gradients) store the sketches as float16.
+            loss: (gradients) the per-example loss, as for ``influence``.
+            forward_fn: import path of ``callable(model, batch) -> outputs``, how the model is called on a batch.
         """
         return index_command(
             self,
@@ -91,6 +95,8 @@ class InfluenceTrainer(pl.Trainer):
             sketch=sketch,
             sketch_dim=sketch_dim,
             float16=float16,
+            loss=loss,
+            forward_fn=forward_fn,
         )
 
     def influence(
@@ -111,6 +117,9 @@ class InfluenceTrainer(pl.Trainer):
         pool: str | None = None,
         candidates: str = "features",
         overwrite: bool = False,
+        loss: str | None = None,
+        forward_fn: str | None = None,
+        curvature: str | None = None,
     ) -> list[Any]:
         """Rank the most helpful and most harmful training examples of a set of queries, and write the results.
 
@@ -140,6 +149,14 @@ class InfluenceTrainer(pl.Trainer):
             overwrite: recompute every query. By default a rerun into the same ``output_dir`` reuses the records
                 made with the same settings (every setting, the model, the data and each query's input and label
                 are compared) and recomputes the rest, saying which settings changed.
+            loss: the per-example loss: a preset (causal_lm: Hugging Face causal LM batches, shifted token
+                cross-entropy, mean per sequence; causal_lm_sum: summed; sequence / sequence_sum: logits [B, T, V] against aligned labels
+                [B, T]; token_classification; sequence_classification) or the import path of a
+                ``callable(outputs, batch) -> [B]`` (``mypkg.losses.my_loss``; a class is instantiated). Default: found
+                automatically (the module's per_example_loss, a loss module on it, or cross-entropy).
+            forward_fn: import path of ``callable(model, batch) -> outputs`` (default: ``model(x)`` for ``(x, y)``
+                batches, ``model(**inputs)`` for dict batches).
+            curvature: hessian or gauss_newton (default: the solver's choice).
         """
         return influence_command(
             self,
@@ -159,6 +176,9 @@ class InfluenceTrainer(pl.Trainer):
             pool=pool,
             candidates=candidates,
             overwrite=overwrite,
+            loss=loss,
+            forward_fn=forward_fn,
+            curvature=curvature,
         )
 
     def evaluate(

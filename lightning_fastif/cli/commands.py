@@ -22,6 +22,8 @@ from lightning_fastif.cli.inputs import (
     _select_queries,
     influence_module,
     load_weights,
+    resolve_forward_setting,
+    resolve_loss_setting,
 )
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.evaluation.lds.settings import LDSSettings
@@ -49,9 +51,12 @@ def index_command(
     sketch: str,
     sketch_dim: int,
     float16: bool,
+    loss: str | None = None,
+    forward_fn: str | None = None,
 ) -> Path:
     """The ``index`` subcommand (arguments: :meth:`InfluenceTrainer.index`)."""
     _check_run_arguments(batch_size=batch_size)
+    loss_fn, forward = resolve_loss_setting(loss), resolve_forward_setting(forward_fn)
     load_weights(model, ckpt_path)
     train, collate = _dataset_of(datamodule, "train")
     if space not in ("features", "gradients"):
@@ -71,6 +76,8 @@ def index_command(
             batch_size=batch_size,
             nprobe=nprobe,
             ef_search=ef_search,
+            loss_fn=loss_fn,
+            forward_fn=forward,
         )
         start = time.perf_counter()
         out = gcb.build(model, train, trainer=None, collate_fn=collate)
@@ -87,6 +94,7 @@ def index_command(
         batch_size=batch_size,
         nprobe=nprobe,
         ef_search=ef_search,
+        forward_fn=forward,
     )
     start = time.perf_counter()
     out = cb.build(model, train, trainer=None, collate_fn=collate)
@@ -115,6 +123,9 @@ def influence_command(
     pool: str | None,
     candidates: str,
     overwrite: bool = False,
+    loss: str | None = None,
+    forward_fn: str | None = None,
+    curvature: str | None = None,
 ) -> list[Any]:
     """The ``influence`` subcommand (arguments: :meth:`InfluenceTrainer.influence`)."""
     _check_run_arguments(output_dir, score_batch_size=score_batch_size, top_k=top_k)
@@ -131,9 +142,12 @@ def influence_command(
         top_k,
         score_batch_size,
         candidates=candidates,
+        loss=loss,
+        forward_fn=forward_fn,
+        curvature=curvature,
     )
     query_set, collate = _dataset_of(datamodule, queries.split)
-    ids = _select_queries(model, query_set, collate, queries)
+    ids = _select_queries(model, query_set, collate, queries, im.forward_fn)
     if not ids:
         rank_zero_info(
             "lightning_fastif: no queries selected (no misclassified examples?): nothing to explain"

@@ -151,7 +151,9 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | os.PathLike[str] | Non
     model.load_state_dict(state)
 
 
-def _select_queries(model: torch.nn.Module, dataset: Any, collate_fn: Any, sel: QuerySelection) -> list[int]:
+def _select_queries(
+    model: torch.nn.Module, dataset: Any, collate_fn: Any, sel: QuerySelection, forward_fn: Any = None
+) -> list[int]:
     n = len(dataset)
     if sel.select == "ids":
         bad = [i for i in sel.ids or [] if not 0 <= int(i) < n]
@@ -171,10 +173,11 @@ def _select_queries(model: torch.nn.Module, dataset: Any, collate_fn: Any, sel: 
         start = 0
         for batch in loader:
             batch = move_to(batch, device)
-            logits, labels = logits_of(call_model(model, batch)), labels_of(batch)
-            if logits is None or labels is None:
+            logits, labels = logits_of(call_model(model, batch, forward_fn)), labels_of(batch)
+            if logits is None or labels is None or logits.dim() != 2 or labels.dim() != 1:
                 raise ConfigurationError(
-                    "Expected `queries.select: misclassified` to see logits and labels; use ids or first."
+                    "Expected `queries.select: misclassified` to see logits [B, C] and labels [B] (a classifier); "
+                    "use `select: ids` or `select: first`."
                 )
             wrong += (start + (logits.argmax(-1) != labels).nonzero().flatten()).tolist()
             start += len(labels)
@@ -182,6 +185,110 @@ def _select_queries(model: torch.nn.Module, dataset: Any, collate_fn: Any, sel: 
                 break
     model.train(was)
     return wrong[: sel.n]
+
+
+LOSS_PRESETS = (
+    "causal_lm",
+    "causal_lm_sum",
+    "sequence",
+    "sequence_sum",
+    "token_classification",
+    "sequence_classification",
+)
+"""Named losses the CLI's ``loss`` takes besides import paths (see :func:`resolve_loss_setting`)."""
+
+
+def _import_object(path: str, what: str) -> Any:
+    """The object at a dotted import path (``mypkg.losses.my_loss``), with an error naming ``what`` otherwise."""
+    import importlib
+
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ConfigurationError(
+            f"Expected `{what}` to be a preset or an import path `package.module.name`, but got {path!r}."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigurationError(
+            f"Expected `{what}` = {path!r} to be importable, but importing {module_name!r} failed ({err}). The module "
+            "must be on the Python path: install your package, or run with PYTHONPATH set to the folder that holds it."
+        ) from err
+    if not hasattr(module, attr):
+        raise ConfigurationError(
+            f"Expected `{what}` = {path!r} to name an object, but {module_name} has no {attr!r}."
+        )
+    return getattr(module, attr)
+
+
+def resolve_loss_setting(loss: Any) -> Any:
+    """The ``loss_fn`` of a subcommand's ``loss`` setting: None (the default resolution), a preset name, an import
+    path of a ``callable(outputs, batch) -> [B]`` (a class is instantiated without arguments), or a callable.
+
+    Presets: ``causal_lm`` (Hugging Face causal LM batches: token cross-entropy, shifted, mean over each sequence's
+    tokens; ``causal_lm_sum``: summed over them), ``sequence`` (logits ``[B, T, V]`` against labels ``[B, T]`` already aligned, e.g. LitGPT
+    ``(input_ids, targets)``), ``sequence_sum`` (the same, summed over the tokens), ``token_classification``
+    (= ``sequence``), ``sequence_classification`` (cross-entropy of logits ``[B, C]`` against ``labels [B]``).
+    """
+    from lightning_fastif.functional.sequence import SequenceCrossEntropy
+
+    if loss is None or callable(loss):
+        return loss
+    if not isinstance(loss, str):
+        raise ConfigurationError(
+            f"Expected `loss` to be one of {', '.join(LOSS_PRESETS)} or an import path, but got {loss!r}."
+        )
+    if loss in ("causal_lm", "causal_lm_sum"):
+        return SequenceCrossEntropy(reduction="sum" if loss.endswith("_sum") else "mean", shift=True)
+    if loss in ("sequence", "token_classification"):
+        return SequenceCrossEntropy(shift=False)
+    if loss == "sequence_sum":
+        return SequenceCrossEntropy(reduction="sum", shift=False)
+    if loss == "sequence_classification":
+        return _classification_cross_entropy
+    if "." not in loss:
+        raise ConfigurationError(
+            f"Expected `loss` to be one of {', '.join(LOSS_PRESETS)} or an import path `package.module.name`, but "
+            f"got {loss!r}."
+        )
+    found = _import_object(loss, "loss")
+    found = found() if isinstance(found, type) else found
+    if not callable(found):
+        raise ConfigurationError(
+            f"Expected `loss` = {loss!r} to be a callable(outputs, batch) -> [B], but got {found!r}."
+        )
+    return found
+
+
+def _classification_cross_entropy(outputs: Any, batch: Any) -> torch.Tensor:
+    """Cross-entropy of ``[B, C]`` logits (the output, ``.logits`` or ``"logits"``) against ``labels [B]``."""
+    import torch.nn.functional as F
+
+    from lightning_fastif.functional.batch import labels_of
+    from lightning_fastif.functional.losses import check_class_labels, output_tensor
+
+    logits = output_tensor(outputs)
+    labels = labels_of(batch)
+    if labels is None:
+        raise ConfigurationError(
+            "Expected `loss: sequence_classification` batches to carry `labels`, but got none."
+        )
+    return F.cross_entropy(logits, check_class_labels(labels, logits), reduction="none")
+
+
+def resolve_forward_setting(forward_fn: Any) -> Any:
+    """The ``forward_fn`` of a subcommand's ``forward_fn`` setting: None (the default call), an import path of a
+    ``callable(model, batch) -> outputs``, or a callable."""
+    if forward_fn is None or callable(forward_fn):
+        return forward_fn
+    if not isinstance(forward_fn, str):
+        raise ConfigurationError(f"Expected `forward_fn` to be an import path, but got {forward_fn!r}.")
+    found = _import_object(forward_fn, "forward_fn")
+    if not callable(found):
+        raise ConfigurationError(
+            f"Expected `forward_fn` = {forward_fn!r} to be a callable(model, batch) -> outputs, but got {found!r}."
+        )
+    return found
 
 
 def _default_solver() -> Solver:
@@ -201,8 +308,14 @@ def influence_module(
     top_k: int,
     batch_size: int,
     candidates: str = "features",
+    loss: Any = None,
+    forward_fn: Any = None,
+    curvature: str | None = None,
 ) -> InfluenceModule:
-    """The :class:`InfluenceModule` of a subcommand: weights loaded, training set from the datamodule."""
+    """The :class:`InfluenceModule` of a subcommand: weights loaded, training set from the datamodule; ``loss``,
+    ``forward_fn`` (presets or import paths, see :func:`resolve_loss_setting`) and ``curvature`` as configured."""
+    loss_fn = resolve_loss_setting(loss)
+    forward = resolve_forward_setting(forward_fn)
     load_weights(model, ckpt_path)
     train, collate = _dataset_of(datamodule, "train")
     if index_dir is not None and num_candidates is not None and not _index_readable(index_dir):
@@ -221,4 +334,7 @@ def influence_module(
         batch_size=batch_size,
         collate_fn=collate,
         candidates=candidates,
+        loss_fn=loss_fn,
+        forward_fn=forward,
+        curvature=curvature,
     )

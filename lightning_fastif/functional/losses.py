@@ -30,12 +30,24 @@ from lightning_fastif.functional.batch import (
     labels_of,
     logits_of,
 )
+from lightning_fastif.functional.sequence import (
+    SequenceCrossEntropy,
+    cached_configs,
+    caches_off,
+    causal_lm_module,
+    compute_dtype,
+    float32_tensors,
+    has_attention,
+    math_attention,
+)
 
 __all__ = [
     "PerExampleLoss",
+    "SequenceCrossEntropy",
     "check_class_labels",
     "describe_loss_module",
     "find_loss_module",
+    "is_sequence_pair",
     "output_tensor",
     "resolve_loss",
 ]
@@ -206,6 +218,20 @@ def _default_cross_entropy(outputs: Any, batch: Any) -> Tensor:
     return F.cross_entropy(logits, check_class_labels(labels, logits, None), reduction="none")
 
 
+def is_sequence_pair(outputs: Any, batch: Any) -> bool:
+    """Whether the outputs' logits are ``[B, T, V]`` and the batch's labels integer ``[B, T]`` (a sequence loss)."""
+    labels = labels_of(batch)
+    logits = logits_of(outputs)
+    return (
+        labels is not None
+        and logits is not None
+        and logits.dim() == 3
+        and labels.dim() == 2
+        and not labels.is_floating_point()
+        and tuple(labels.shape) == tuple(logits.shape[:2])
+    )
+
+
 class _ModuleLoss:
     """A loss module of the model as a per-example loss: a copy with ``reduction="none"``, other settings kept."""
 
@@ -304,9 +330,20 @@ class PerExampleLoss:
         self.forward_fn = check_forward_fn(forward_fn)
         self.module_loss: _ModuleLoss | None = None
         self.plain_cross_entropy = False
-        if loss_fn is not None:
+        self.sequence: Any = None  # the sequence loss in use (with token_losses), when there is one
+        self._caches = cached_configs(model)
+        self._f32: tuple[tuple[Any, ...], dict[str, Tensor]] | None = None
+        if isinstance(loss_fn, SequenceCrossEntropy):
+            self.source = "loss_fn"
+            self.sequence = loss_fn
+            self.description = f"loss_fn {loss_fn.description}"
+        elif loss_fn is not None:
             self.source = "loss_fn"
             self.description = f"loss_fn ({getattr(loss_fn, '__qualname__', type(loss_fn).__name__)})"
+            if callable(
+                getattr(loss_fn, "token_losses", None)
+            ):  # a user's sequence loss of the same protocol
+                self.sequence = loss_fn
         elif callable(getattr(model, "per_example_loss", None)):
             self.source = "per_example_loss"
             self.description = f"{type(model).__name__}.per_example_loss"
@@ -317,6 +354,10 @@ class PerExampleLoss:
                 self.module_loss = _ModuleLoss(*found)
                 self.description = self.module_loss.description
                 self.plain_cross_entropy = self.module_loss.plain_cross_entropy
+            elif causal_lm_module(model) is not None:
+                self.source = "sequence"  # a Hugging Face causal LM: labels are the input ids, shifted here
+                self.sequence = SequenceCrossEntropy(shift=True)
+                self.description = f"{self.sequence.description} (Hugging Face causal LM)"
             else:
                 self.source = "classification"
                 self.description = DEFAULT_DESCRIPTION
@@ -335,24 +376,103 @@ class PerExampleLoss:
             f"|module_loss={found}|model={type(self.model).__qualname__}@{id(self.model):x}"
         )
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """float32 when the model has bf16/fp16 weights now (a precision plugin may convert it after this loss was
+        resolved), else None (the model's own dtype)."""
+        return compute_dtype(self.model)
+
+    @property
+    def notes(self) -> list[str]:
+        """What influence does to the model's call, in words (logged once by the module)."""
+        notes = []
+        if self._caches:
+            names = ", ".join(f"model.{n}" if n else "model" for n, _ in self._caches)
+            notes.append(
+                f"key/value caches off (use_cache=False) for {names} while influence runs (a cache in the output "
+                "cannot be differentiated; restored after each call)"
+            )
+        if has_attention(self.model):
+            notes.append(
+                "attention runs on the math SDPA kernel while influence runs (fused attention kernels have no double "
+                "backward and no forward mode)"
+            )
+        if self.compute_dtype is not None:
+            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in self.model.parameters()})
+            notes.append(
+                f"curvature, solves and scores in float32 (the model's parameters are {'/'.join(dtypes)}; float32 "
+                "copies are used, the model is not changed)"
+            )
+        return notes
+
+    @property
+    def token_loss(self) -> Any:
+        """The sequence loss (with ``token_losses(outputs, batch) -> [B, T]``, summing over T to the per-sequence
+        loss; see :mod:`lightning_fastif.functional.sequence`) when the loss is one, else None: a
+        :class:`SequenceCrossEntropy`, or a user's ``loss_fn`` that has ``token_losses``.
+
+        A default-resolved classification loss becomes a sequence loss when it first sees logits ``[B, T, V]`` with
+        labels ``[B, T]``.
+        """
+        return self.sequence
+
     def loss_of_outputs(self, outputs: Any, batch: Any) -> Tensor:
         """Per-example losses ``[B]`` from the model's outputs on ``batch`` (not for ``per_example_loss``)."""
         if self.loss_fn is not None:
             return self.loss_fn(outputs, batch)
         if self.module_loss is not None:
             return self.module_loss(outputs, batch)
+        if self.sequence is not None:
+            return self.sequence(outputs, batch)
+        if is_sequence_pair(
+            outputs, batch
+        ):  # logits [B, T, V], labels [B, T]: token classification, LitGPT...
+            self.sequence = SequenceCrossEntropy(shift=False)
+            self.source = "sequence"
+            self.plain_cross_entropy = False
+            self.description = self.sequence.description
+            return self.sequence(outputs, batch)
         return _default_cross_entropy(outputs, batch)
 
+    def full_params(self, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Every parameter of the model (``"model."``-prefixed, for the loss graph): ``params`` where given, the rest
+        detached; every buffer and parameter of a bf16/fp16 model as a float32 copy (cached per weight version)."""
+        named = dict(self.model.named_parameters())
+        if self.compute_dtype is None:
+            full = {f"model.{k}": p.detach() for k, p in named.items()}
+        else:
+            buffers = dict(self.model.named_buffers())
+            key = tuple((id(t), t._version) for t in (*named.values(), *buffers.values()))
+            if self._f32 is None or self._f32[0] != key:
+                cast = float32_tensors({**named, **{k: b for k, b in buffers.items() if b is not None}})
+                self._f32 = (key, {f"model.{k}": v for k, v in cast.items()})
+            full = dict(self._f32[1])
+        if params:
+            full.update({f"model.{k}": v for k, v in params.items()})
+        return full
+
+    def call_context(self) -> Any:
+        """The context every model call of influence runs in: caches off, math attention, autocast off."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(caches_off(self._caches))
+        stack.enter_context(math_attention())
+        return stack
+
     def outputs(self, batch: Any) -> Any:
-        """The model's outputs on ``batch`` (by ``forward_fn`` or the default convention)."""
-        return call_model(self.model, batch, self.forward_fn)
+        """The model's outputs on ``batch`` (by ``forward_fn`` or the default convention), in the compute dtype."""
+        with self.call_context():
+            if self.compute_dtype is None:
+                return call_model(self.model, batch, self.forward_fn)
+            graph = _OutputsGraph(self.model, logits_only=False, forward_fn=self.forward_fn)
+            return functional_call(graph, self.full_params(), (batch,))
 
     def __call__(self, params: dict[str, Tensor], batch: Any) -> Tensor:
         """Per-example losses ``[B]`` at ``params`` (names as in ``model.named_parameters()``)."""
         # every parameter is passed: the unselected ones detached, so autograd records nothing for them
-        full = {f"model.{k}": p.detach() for k, p in self.model.named_parameters()}
-        full.update({f"model.{k}": v for k, v in params.items()})
-        losses = functional_call(self._graph, full, (batch,))
+        with self.call_context():
+            losses = functional_call(self._graph, self.full_params(params), (batch,))
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise LossResolutionError(
@@ -389,14 +509,14 @@ def _split_loss(loss: PerExampleLoss) -> tuple[Callable[[dict[str, Tensor], Any]
     ``per_example_loss(batch)`` (a closed box: its outputs cannot be separated from its loss)."""
     if loss.source == "per_example_loss":
         return None
-    graph = _OutputsGraph(
-        loss.model, logits_only=loss.source in ("classification", "model_loss"), forward_fn=loss.forward_fn
+    logits_only = loss.source in ("classification", "model_loss", "sequence") or isinstance(
+        loss.loss_fn, SequenceCrossEntropy
     )
+    graph = _OutputsGraph(loss.model, logits_only=logits_only, forward_fn=loss.forward_fn)
 
     def outputs_fn(params: dict[str, Tensor], batch: Any) -> Any:
-        full = {f"model.{k}": p.detach() for k, p in loss.model.named_parameters()}
-        full.update({f"model.{k}": v for k, v in params.items()})
-        return functional_call(graph, full, (batch,))
+        with loss.call_context():
+            return functional_call(graph, loss.full_params(params), (batch,))
 
     return outputs_fn, loss.loss_of_outputs  # the tensor of the outputs for a found or default loss
 

@@ -65,6 +65,13 @@ def select_params(model: nn.Module, patterns: str | Sequence[str] | None = None)
     names = [n for n, _ in named]
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            tied = _tied_hint(model, pat)
+            if tied:
+                raise ConfigurationError(
+                    f"Expected every pattern of `params` to match a parameter name, but {pat!r} matches none: "
+                    f"{tied}. Select the weight by that name (e.g. `params=[{tied.rsplit('`', 2)[-2]!r}]`); "
+                    "differentiating it covers every place it is used."
+                )
             shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
             raise ConfigurationError(
                 f"Expected every pattern of `params` to match a parameter name, but {pat!r} matches none."
@@ -74,20 +81,19 @@ def select_params(model: nn.Module, patterns: str | Sequence[str] | None = None)
 
 
 def _tied_hint(model: nn.Module, pattern: str) -> str:
-    """Names ``pattern`` matches only as aliases of tied weights (``lm_head.weight`` is ``wte.weight``): a hint."""
-    canonical = {id(p): n for n, p in model.named_parameters()}
-    tied = [
-        (n, canonical[id(p)])
-        for n, p in model.named_parameters(remove_duplicate=False)
-        if fnmatch.fnmatchcase(n, pattern) and canonical.get(id(p), n) != n
-    ]
-    if not tied:
+    """``"lm_head.weight is tied to `transformer.wte.weight`"`` when ``pattern`` matches only names of weights shared
+    with another module (``named_parameters`` lists a shared weight once, under its first name), else ``""``."""
+    first: dict[int, str] = {}
+    ties = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            if fnmatch.fnmatchcase(name, pattern):
+                ties.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    if not ties:
         return ""
-    pairs = ", ".join(f"{alias} is {name}" for alias, name in tied[:5])
-    return (
-        f" It matches only tied weights ({pairs}: the same tensor under two names, listed once, under the first):"
-        f" select {sorted({name for _, name in tied})!r} instead."
-    )
+    return "; ".join(f"{alias} is tied to `{owner}`" for alias, owner in ties)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def head_fast_path(im: Any, spec: ParamSpec) -> tuple[str, str | None] | None:
         return None
     layer = im._feature_layer_name
     module = dict(im.model.named_modules()).get(layer or "")
-    if not isinstance(module, nn.Linear) or im._param_dtype() != torch.float32:
+    if not isinstance(module, nn.Linear) or module.weight.dtype != torch.float32:
         return None
     feats, logits = im._cache.get("features"), im._cache.get("logits")
     if (

@@ -33,6 +33,7 @@ from lightning_fastif.functional.grads import per_example_grads_and_losses
 from lightning_fastif.functional.losses import check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
 from lightning_fastif.functional.scores import merge_topk, score_batch, split_topk
+from lightning_fastif.functional.sequence import full_precision
 from lightning_fastif.functional.solvers.base import Solver
 from lightning_fastif.influence.candidates import resolve_candidate_index
 from lightning_fastif.influence.checks import check_arguments, check_training_finite
@@ -51,7 +52,12 @@ class InfluenceModule(pl.LightningModule):
         model: a LightningModule or plain ``nn.Module``, used as is (never mutated).
         train_dataset: map-style dataset; position i is training example id i.
         loss_fn: ``callable(outputs, batch) -> [B]`` per-example losses; default: the module's
-            ``per_example_loss(batch)``, else cross-entropy on ``(x, y)`` / ``{"labels": ...}`` batches.
+            ``per_example_loss(batch)``, else cross-entropy on ``(x, y)`` / ``{"labels": ...}`` batches; logits
+            ``[B, T, V]`` with labels ``[B, T]`` get the per-sequence token cross-entropy (-100 ignored, mean over
+            the sequence's tokens), shifted for a Hugging Face ``*ForCausalLM``
+            (:class:`~lightning_fastif.SequenceCrossEntropy`; pass one for ``reduction="sum"``). Every model call of
+            influence runs with key/value caches off, attention on the math SDPA kernel, and float32 copies of a
+            bf16/fp16 model's weights (each stated once in the log).
         params: glob patterns of parameter names to differentiate (default: all with ``requires_grad``).
         solver: ``"auto"`` / an ``AutoSolver`` (the default: Exact when the dense system fits in memory, else EK-FAC, else CG on
             Gauss-Newton, with ``damping="auto"``), ``ExactSolver``, ``CGSolver``, ``LiSSASolver``, ``EKFACSolver``...
@@ -166,11 +172,25 @@ class InfluenceModule(pl.LightningModule):
         return self.model(*args, **kwargs)
 
     def _theta(self) -> tuple[Tensor, ParamSpec]:
+        """The selected parameters as one flat vector ``[P]`` (float32 for a bf16/fp16 model) and their spec."""
+        self._state_notes()
         params = select_params(self.model, self.param_patterns)
         spec = ParamSpec.of(params)
-        return spec.flatten(params).detach(), spec
+        theta = spec.flatten(params).detach()
+        if self.loss.compute_dtype is not None and theta.dtype != self.loss.compute_dtype:
+            theta = theta.to(self.loss.compute_dtype)  # a copy: the model keeps its own weights
+        return theta, spec
+
+    def _state_notes(self) -> None:
+        """Log, once, what influence does to the model's call (caches off, math attention, float32 math)."""
+        if not getattr(self, "_notes_stated", False):
+            self._notes_stated = True
+            for note in self.loss.notes:
+                rank_zero_info(f"lightning_fastif: {note}")
 
     def _param_dtype(self) -> torch.dtype:
+        if self.loss.compute_dtype is not None:
+            return self.loss.compute_dtype
         return next(iter(select_params(self.model, self.param_patterns).values())).dtype
 
     def _param_device(self) -> torch.device:
@@ -441,7 +461,10 @@ class InfluenceModule(pl.LightningModule):
             digest = batch_digest(batch)
             if self.skip_query_digests.get(query_ids[0]) == digest and query_ids[0] in self.skip_query_ids:
                 return []  # the same group was explained already (InfluenceWriter resuming)
-            result = self.explain_group(batch, query_ids)
+            with (
+                full_precision()
+            ):  # a precision plugin's autocast (bf16-mixed) must not reach solves and scores
+                result = self.explain_group(batch, query_ids)
             result.extra["query_sha256"] = digest
             return [result]
         digests = example_digests(batch)  # what each record is of: the query's input and label
@@ -458,7 +481,8 @@ class InfluenceModule(pl.LightningModule):
                 batch = slice_batch(batch, torch.tensor(keep))
                 query_ids = [query_ids[i] for i in keep]
                 digests = [digests[i] for i in keep]
-        results = self.explain(batch, query_ids)
+        with full_precision():  # a precision plugin's autocast (bf16-mixed) must not reach solves and scores
+            results = self.explain(batch, query_ids)
         for r, d in zip(results, digests, strict=False):
             r.extra["query_sha256"] = d
         return results

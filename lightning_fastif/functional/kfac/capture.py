@@ -89,6 +89,12 @@ def fisher_mode(loss: Any, fisher: str) -> str:
     be split, such as a module's own ``per_example_loss``)."""
     if fisher == "empirical":
         return "empirical"
+    if (
+        fisher == "true"
+        and callable(getattr(getattr(loss, "token_loss", None), "sampled_batch", None))
+        and callable(getattr(loss, "split", None))
+    ):
+        return "sampled_tokens"  # a sequence loss: one token drawn per position from the model's distribution
     source = getattr(loss, "source", "classification")
     if source == "classification":
         return "sampled_labels" if fisher == "true" else "exact_labels"
@@ -186,6 +192,12 @@ def capture_batch(
             mode = fisher_mode(loss, fisher)
             if mode == "empirical":
                 roots, grad_outs = [loss(leaves, batch).sum()], [None]
+            elif mode == "sampled_tokens":
+                outputs_fn, loss_of_outputs = loss.split()
+                out = outputs_fn(leaves, batch)
+                noise = _example_noise(seed, ids, tuple(out.shape[1:]), "uniform", out).clamp(1e-12, 1 - 1e-7)
+                drawn = loss.token_loss.sampled_batch(out, batch, noise)
+                roots, grad_outs = [loss_of_outputs(out, drawn).sum()], [None]
             elif mode in ("output_hessian", "exact_output_hessian"):
                 outputs_fn, loss_of_outputs = loss.split()
                 out = outputs_fn(leaves, batch)
