@@ -7,6 +7,11 @@ already handles those keeps working.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+from typing import Any
+
 
 class FastIFError(Exception):
     """Base class of every error raised on purpose by lightning_fastif."""
@@ -63,3 +68,35 @@ class SolverConvergenceError(FastIFError, RuntimeError):
 
 class SolverConvergenceWarning(UserWarning):
     """A solver did not reach its convergence tolerance: its s_test (and influence) are approximate."""
+
+
+class UnknownArgumentError(ConfigurationError, TypeError):
+    """A keyword argument the function does not take (a typo: ``dampnig=``); says which name was meant."""
+
+
+def check_keywords(init: Any) -> Any:
+    """Decorate an ``__init__`` so that an unknown keyword raises :class:`UnknownArgumentError` with a "did you
+    mean" (``dampnig=`` -> ``damping``) instead of Python's bare ``TypeError``. The signature is kept
+    (``functools.wraps``), so LightningCLI and ``inspect.signature`` see the original arguments."""
+    signature = inspect.signature(init)
+    params = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return init
+    names = [n for n, p in params.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY and n != "self"]
+    owner = init.__qualname__.rsplit(".", 1)[0]
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+                hints.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+            raise UnknownArgumentError(
+                f"Expected the keyword arguments of {owner} to be among {', '.join(names)}, but got the unknown "
+                f"keyword(s) {', '.join(hints)}."
+            )
+        return init(self, *args, **kwargs)
+
+    return wrapper

@@ -28,6 +28,7 @@ class PoolInfluenceModule(InfluenceModule):
 
     fit_dataset: Any = None
     pool_name: str = "pool"
+    dataset_argument = "pool"
 
     def curvature(self, *args: Any, **kwargs: Any) -> Any:
         """The training set's curvature (not the pool's): the model was fit on ``fit_dataset``."""
