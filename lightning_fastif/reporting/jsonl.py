@@ -6,6 +6,7 @@ written; a reader (or the next writer) drops such a truncated last line with a w
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -14,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from lightning_fastif.errors import ConfigurationError, expected
+from lightning_fastif.errors import ConfigurationError, ResultsWriteError, expected
 from lightning_fastif.results import InfluenceResult
 
 
@@ -56,11 +57,42 @@ class JsonlWriter:
         if not lines:
             return 0
         handle = self._open()
-        handle.write(b"".join(lines))
-        handle.flush()
-        if self.fsync:
-            os.fsync(handle.fileno())
+        start = handle.tell()
+        try:
+            handle.write(b"".join(lines))
+            handle.flush()
+            if self.fsync:
+                os.fsync(handle.fileno())
+        except OSError as err:  # ENOSPC, EFBIG (a file-size limit), EDQUOT...: keep what was written before
+            raise self._write_failed(err, start) from err
         return len(lines)
+
+    def _write_failed(self, err: OSError, start: int) -> ResultsWriteError:
+        """Cut the file back to the records written before the failed batch and say so in one line."""
+        handle, self._handle = self._handle, None
+        try:
+            if handle is not None:
+                handle.close()  # flushes the buffer again: may fail (or write part of it) once more
+        except OSError:
+            pass
+        try:
+            os.truncate(self.path, start)  # never a partial record; shrinking needs no space
+            kept = self.path.read_bytes().count(b"\n")
+        except OSError:
+            kept = None
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        code = errno.errorcode.get(err.errno or 0, "")
+        so_far = (
+            f"the {kept} record(s) written before are kept"
+            if kept is not None
+            else "earlier records are kept"
+        )
+        return ResultsWriteError(
+            err.errno or 0,
+            f"Expected to append results to {str(self.path)!r}, but the write failed: {reason}"
+            f"{f' ({code})' if code else ''}; {so_far}. Free space (or raise the file-size limit) and rerun the "
+            "same command: it resumes after them.",
+        )
 
     def close(self) -> None:
         """Close the file; later writes raise."""

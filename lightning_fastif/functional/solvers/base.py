@@ -195,6 +195,9 @@ class Solver(abc.ABC):
         warnings.warn(msg, SolverConvergenceWarning, stacklevel=3)
 
 
+Solver.__init__ = check_keywords(Solver.__init__)  # type: ignore[method-assign]
+
+
 # ---------------------------------------------------------------------------------------------- factorisation errors
 def check_factorisable(matrix: Tensor, solver: str) -> None:
     """A dense factorisation needs float32 or float64: name the model's dtype instead of torch's "cholesky_cpu not
