@@ -70,6 +70,10 @@ class SolverConvergenceWarning(UserWarning):
     """A solver did not reach its convergence tolerance: its s_test (and influence) are approximate."""
 
 
+class RecordFormatError(ConfigurationError, TypeError):
+    """A result record (an ``InfluenceResult.to_dict()``) lacks required keys; a ``TypeError`` as it used to be."""
+
+
 class ResultsWriteError(FastIFError, OSError):
     """Results could not be written (no space left, a file-size limit...); those written before are kept."""
 

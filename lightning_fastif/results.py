@@ -66,10 +66,10 @@ class InfluenceResult:
         """Inverse of :meth:`to_dict` (``None`` scores stay ``None``)."""
         from dataclasses import MISSING, fields
 
-        from lightning_fastif.errors import ConfigurationError
+        from lightning_fastif.errors import RecordFormatError
 
         if not isinstance(data, dict):
-            raise ConfigurationError(
+            raise RecordFormatError(
                 f"Expected `data` to be a dict (an InfluenceResult's to_dict()), but got {type(data).__name__}."
             )
         required = [
@@ -79,7 +79,7 @@ class InfluenceResult:
         ]
         missing = [k for k in required if k not in data]
         if missing:
-            raise ConfigurationError(
+            raise RecordFormatError(
                 f"Expected `data` to hold every required key of an InfluenceResult ({', '.join(required)}), but "
                 f"got a dict without {', '.join(missing)} (its keys: {', '.join(map(str, data)) or 'none'})."
             )
