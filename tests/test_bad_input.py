@@ -697,6 +697,12 @@ ISSUE17_CASES = [
         r"`train_dataset`.*25 examples.*id 24.*IndexError",
     ),
     (
+        "pool_len_overstates",
+        lambda: lf.with_pool(_im(), _Overstated()),
+        ConfigurationError,
+        r"`pool`.*25 examples.*id 24",
+    ),
+    (
         "inf_training_input_exact",
         lambda: _im(train=_inf_train()).explain(_query()),
         NonFiniteError,

@@ -6,7 +6,6 @@ written; a reader (or the next writer) drops such a truncated last line with a w
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import warnings
@@ -15,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from lightning_fastif._files import FULL_DISK_ERRNOS, full_disk_error
 from lightning_fastif.errors import ConfigurationError, ResultsWriteError, expected
 from lightning_fastif.results import InfluenceResult
 
@@ -63,7 +63,9 @@ class JsonlWriter:
             handle.flush()
             if self.fsync:
                 os.fsync(handle.fileno())
-        except OSError as err:  # ENOSPC, EFBIG (a file-size limit), EDQUOT...: keep what was written before
+        except OSError as err:  # ENOSPC, EFBIG (a file-size limit), EDQUOT: keep what was written before
+            if err.errno not in FULL_DISK_ERRNOS:
+                raise
             raise self._write_failed(err, start) from err
         return len(lines)
 
@@ -80,19 +82,12 @@ class JsonlWriter:
             kept = self.path.read_bytes().count(b"\n")
         except OSError:
             kept = None
-        reason = os.strerror(err.errno) if err.errno else str(err)
-        code = errno.errorcode.get(err.errno or 0, "")
-        so_far = (
-            f"the {kept} record(s) written before are kept"
+        kept_text = (
+            f"the {kept} record(s) written before are kept (a rerun resumes after them)"
             if kept is not None
-            else "earlier records are kept"
+            else "the records written before are kept"
         )
-        return ResultsWriteError(
-            err.errno or 0,
-            f"Expected to append results to {str(self.path)!r}, but the write failed: {reason}"
-            f"{f' ({code})' if code else ''}; {so_far}. Free space (or raise the file-size limit) and rerun the "
-            "same command: it resumes after them.",
-        )
+        return full_disk_error(err, self.path, kept_text)
 
     def close(self) -> None:
         """Close the file; later writes raise."""
