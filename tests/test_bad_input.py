@@ -845,3 +845,27 @@ def test_a_file_size_limit_while_writing_results_is_one_line_and_keeps_earlier_r
     assert kind == "ResultsWriteError" and "File too large (EFBIG)" in message
     assert "the 2 record(s) written before are kept" in message
     assert [r.query_id for r in read_jsonl(path)] == [0, 1]
+
+
+def test_a_file_size_limit_while_writing_a_report_is_one_line_and_keeps_the_previous_file(
+    tmp_path, monkeypatch
+):
+    import errno
+    import os
+
+    from lightning_fastif._files import atomic_write_text
+    from lightning_fastif.errors import ResultsWriteError
+
+    path = tmp_path / "report.html"
+    atomic_write_text(path, "old report")
+
+    def too_large(fd):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(os, "fsync", too_large)
+    with pytest.raises(ResultsWriteError) as info:
+        atomic_write_text(path, "new report")
+    assert "\n" not in str(info.value) and "File too large (EFBIG)" in str(info.value)
+    assert "report.html" in str(info.value) and "previous file, if any, is unchanged" in str(info.value)
+    monkeypatch.undo()
+    assert path.read_text() == "old report" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
