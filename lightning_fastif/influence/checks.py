@@ -230,9 +230,11 @@ def _as_int(name: str, value: Any) -> int:
 
 def model_call_error(
     module: Any, err: BaseException, batch: Any, what: str, ids: list[int] | None = None
-) -> Exception:
-    """A clear error for a model or loss that failed on ``batch``: bad labels of training examples (named by id),
-    inputs of the wrong shape (the shapes named), or else the original error, unchanged."""
+) -> Exception | None:
+    """A clearer error for a model or loss that failed on ``batch`` (``err``): bad labels of training examples
+    (named by id) or inputs of the wrong shape (the shapes named); None when there is none (re-raise ``err``).
+
+    The loss is called once more, plainly (no vmap, no gradients), on the error path only."""
     theta, spec = module._theta()
     try:
         with eval_mode(module.model), torch.no_grad():
@@ -251,19 +253,19 @@ def model_call_error(
             f"Expected the `labels` of {what} to fit the loss ({module.loss.description}), but example id(s) "
             f"{bad[:20]} (positions in `{module.dataset_argument}`) do not: {plain}"
         )
-    except (RuntimeError, IndexError) as plain:
-        err = plain
+    except RuntimeError as plain:  # the plain call fails too: is it the inputs' shape?
+        if "shape" not in str(plain) and "size" not in str(plain):
+            return None
+        shapes = _input_shapes(batch)
+        expected_shapes = _input_shapes(fetch(module.train_dataset, [0], module._user_collate))
+        return ConfigurationError(
+            f"Expected the inputs of {what} to fit the model like the training set's (one example's inputs: "
+            f"{expected_shapes}), but got inputs {shapes} and calling the model raised {type(plain).__name__}: "
+            f"{str(plain)[:200]}"
+        )
     except Exception:  # anything else: the original error is the clearest
-        return err  # type: ignore[return-value]
-    if not isinstance(err, RuntimeError) or ("shape" not in str(err) and "size" not in str(err)):
-        return err  # type: ignore[return-value]
-    shapes = _input_shapes(batch)
-    expected_shapes = _input_shapes(fetch(module.train_dataset, [0], module._user_collate))
-    return ConfigurationError(
-        f"Expected the inputs of {what} to fit the model like the training set's (one example's inputs: "
-        f"{expected_shapes}), but got inputs {shapes} and calling the model raised {type(err).__name__}: "
-        f"{str(err)[:200]}"
-    )
+        return None
+    return None
 
 
 def _input_shapes(batch: Any) -> str:

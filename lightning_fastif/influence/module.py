@@ -222,7 +222,10 @@ class InfluenceModule(pl.LightningModule):
                 try:
                     self.loss(spec.unflatten(theta), batch)
                 except RuntimeError as err:  # the query inputs do not fit the model (wrong width...)
-                    raise model_call_error(self, err, batch, "the query `batch`") from err
+                    clear = model_call_error(self, err, batch, "the query `batch`")
+                    if clear is None:
+                        raise
+                    raise clear from err
             grads, losses = per_example_grads_and_losses(self.loss, theta, spec, batch)
         check_finite(losses.detach(), "query loss")
         check_finite(grads, "query gradient")
@@ -308,15 +311,16 @@ class InfluenceModule(pl.LightningModule):
                     out[:, at : at + len(chunk)] = score_batch(
                         self.loss, theta, spec, batch, s_test, method
                     ).T
-                except (
-                    RuntimeError,
-                    IndexError,
-                ) as err:  # name the examples (bad labels, inputs) or the model
+                except (RuntimeError, IndexError) as err:
+                    # name the examples (bad labels, inputs of the wrong shape) or the model (random forward)
                     if randomness_error(err) is not None:
                         raise randomness_error(err) from err  # type: ignore[misc]
-                    raise model_call_error(
+                    clear = model_call_error(
                         self, err, batch, f"the `{self.dataset_argument}` examples", chunk
-                    ) from err
+                    )
+                    if clear is None:
+                        raise
+                    raise clear from err
         check_finite(out.T, "influence score (a training example's loss or gradient)", ids)
         self._timed("scoring", start)
         return out
@@ -473,7 +477,10 @@ class InfluenceModule(pl.LightningModule):
             try:
                 losses = self.loss(spec.unflatten(theta), batch).detach()
             except RuntimeError as err:  # the query inputs do not fit the model (wrong width...)
-                raise model_call_error(self, err, batch, "the query `batch`") from err
+                clear = model_call_error(self, err, batch, "the query `batch`")
+                if clear is None:
+                    raise
+                raise clear from err
             outputs = self.loss.outputs(batch) if self.loss.source != "per_example_loss" else None
         labels = labels_of(batch)
         preds = predictions(outputs, self.loss, n, labels)
