@@ -1,4 +1,4 @@
-"""File-system helpers of the index folder: durable writes, checksums, and leftovers of interrupted swaps.
+"""File-system helpers (the bottom layer): durable writes, checksums, leftovers of interrupted swaps, folder locks.
 
 See ``retrieval.store`` for the atomic replacement scheme these serve.
 """
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lightning_fastif.errors import FastIFError
 
 META_FILE = "meta.json"
 
@@ -121,3 +123,146 @@ def full_disk_error(err: OSError, path: Path, kept: str) -> Any:
         f"Expected to write {str(path)!r}, but the write failed: {reason}{f' ({code})' if code else ''}; {kept}. "
         "Free space (or raise the file-size limit) and rerun the same command.",
     )
+
+
+class FolderLockedError(FastIFError, OSError):
+    """Another process (or another writer of this process) holds the lock of a folder."""
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a folder while it is written: a lock file holding the owner's pid and host.
+
+    The lock is ``fcntl.flock`` on the lock file where the platform has it (the kernel releases it when its process
+    dies, so a killed owner never leaves a stale lock), else the lock file made with ``O_EXCL`` (a lock file of a
+    dead pid on this host is taken over). Two holders in one process conflict too (each ``acquire`` opens its own
+    file description). Release removes the lock file.
+
+    Args:
+        path: the lock file, e.g. ``<output_dir>/.influence.lock`` or ``.<index folder>.lock`` beside a folder that
+            is replaced by renaming.
+        what: the folder in words, for the error (``"output folder '/runs/a'"``).
+
+    Raises:
+        FolderLockedError: from :meth:`acquire` when someone else holds it; the message names the folder, the
+            owner's pid and host.
+
+    Example:
+        >>> with FolderLock(tmp_path / ".out.lock", "output folder"):  # doctest: +SKIP
+        ...     write_the_folder()
+    """
+
+    def __init__(self, path: str | os.PathLike[str], what: str) -> None:
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> FolderLock:
+        """Take the lock at once or raise :class:`FolderLockedError` naming its owner."""
+        if self._fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: an O_EXCL lock file
+            self._fd = self._acquire_exclusive()
+        else:
+            self._fd = self._acquire_flock(fcntl)
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, _owner().encode())
+        os.fsync(self._fd)
+        return self
+
+    def _acquire_flock(self, fcntl: Any) -> int:
+        # a holder that releases between our open and our flock unlinks the file: retry on the new one
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                self._refuse()
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+        self._refuse()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _acquire_exclusive(self) -> int:
+        for _ in range(20):
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                owner = self._owner_of()
+                if owner and owner.get("host") == _host() and not pid_alive(int(owner.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # the owner died: take the lock over
+                    continue
+                self._refuse()
+        self._refuse()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _owner_of(self) -> dict[str, Any] | None:
+        import json
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _refuse(self) -> None:
+        owner = self._owner_of() or {}
+        pid, host = owner.get("pid", "?"), owner.get("host", "?")
+        who = (
+            "another writer of this process"
+            if pid == os.getpid() and host == _host()
+            else f"process {pid} on {host}"
+        )
+        raise FolderLockedError(
+            f"Expected the {self.what} to be free, but {who} is writing it (lock file {str(self.path)!r}, "
+            f"pid {pid}). Wait for it to finish, or use another folder."
+        )
+
+    def release(self) -> None:
+        """Remove the lock file and let go (a no-op when not held)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still holding it: a newcomer opens a fresh file
+        os.close(fd)
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __getstate__(self) -> dict[str, Any]:  # a held descriptor does not travel to another process
+        return {**self.__dict__, "_fd": None}
+
+
+def folder_lock(dirpath: str | os.PathLike[str], what: str) -> FolderLock:
+    """The :class:`FolderLock` of a folder replaced by renaming: ``.<name>.lock`` beside it (not inside it)."""
+    dirpath = Path(dirpath)
+    return FolderLock(dirpath.parent / f".{dirpath.name}.lock", f"{what} {str(dirpath)!r}")
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _owner() -> str:
+    import json
+    import time
+
+    return json.dumps({"pid": os.getpid(), "host": _host(), "since": time.time()})

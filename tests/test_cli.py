@@ -124,6 +124,37 @@ def test_index_subcommand_rebuilds_the_fit_index(digits_run, tmp_path):
     assert a["model_fingerprint"] == b["model_fingerprint"] and a["ntotal"] == b["ntotal"]
 
 
+def test_influence_rerun_reuses_same_settings_recomputes_other_params_and_overwrite(
+    digits_run, tmp_path, caplog
+):
+    """Issue 17: a rerun into the same folder says what it reuses; other `params` (the README's head-only run after
+    the demo) recompute and say which setting changed; `--overwrite` recomputes everything."""
+    import logging
+
+    out = tmp_path / "out"
+    args = [f"--output_dir={out}", "--trainer.logger=false", "--report=false"]
+
+    def run(*extra):
+        import warnings
+
+        caplog.clear()
+        with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _run(*_influence_args(digits_run, *args, *extra))
+        return caplog.text + "\n".join(str(w.message) for w in caught)
+
+    run()
+    first = (out / "influence.jsonl").read_text()
+    said = run()
+    assert "reusing 3 records made with the same settings; --overwrite to recompute" in said
+    assert "explained no new query: all 3 were reused from records made with the same settings" in said
+    assert "stages: )" not in said and (out / "influence.jsonl").read_text() == first
+    said = run("--params=[head.*]")
+    assert "settings changed: params -> recomputing" in said and "explained 3 queries" in said
+    said = run("--params=[head.*]", "--overwrite")
+    assert "overwrite: recomputing every query" in said and "explained 3 queries" in said
+
+
 def test_unknown_config_key_is_a_parser_error_not_a_traceback(digits_run, capsys, monkeypatch):
     monkeypatch.delenv("LIGHTNING_FASTIF_DEBUG")
     with pytest.raises(SystemExit) as exc:

@@ -87,7 +87,7 @@ def test_resume_is_refused_for_other_settings_and_overwrite_starts_over(tmp_path
         enable_progress_bar=False,
         callbacks=[lf.InfluenceWriter(tmp_path)],
     )
-    with pytest.warns(UserWarning, match="other settings.*changed: top_k"):
+    with pytest.warns(UserWarning, match="settings changed: top_k -> recomputing"):
         trainer.predict(im, loader, return_predictions=False)
     assert sorted(im.explained) == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9]
     assert all(len(r["helpful_ids"]) == 2 for r in _records(tmp_path / "influence.jsonl").values())

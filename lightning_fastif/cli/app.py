@@ -110,6 +110,7 @@ class InfluenceTrainer(pl.Trainer):
         report: bool = True,
         pool: str | None = None,
         candidates: str = "features",
+        overwrite: bool = False,
     ) -> list[Any]:
         """Rank the most helpful and most harmful training examples of a set of queries, and write the results.
 
@@ -136,6 +137,9 @@ class InfluenceTrainer(pl.Trainer):
             pool: candidate pool other than the training set: a datamodule split (val, test, predict) searched and
                 scored instead (the curvature still comes from the training set); ids then refer to it and every
                 record says ``extra.pool``; its index is built in memory.
+            overwrite: recompute every query. By default a rerun into the same ``output_dir`` reuses the records
+                made with the same settings (every setting, the model, the data and each query's input and label
+                are compared) and recomputes the rest, saying which settings changed.
         """
         return influence_command(
             self,
@@ -154,6 +158,7 @@ class InfluenceTrainer(pl.Trainer):
             report=report,
             pool=pool,
             candidates=candidates,
+            overwrite=overwrite,
         )
 
     def evaluate(
@@ -312,7 +317,8 @@ class InfluenceTrainer(pl.Trainer):
             seeds: one run per seed and method (>= 3 for a spread).
             methods: helpful, random, harmful, anchors.
             pool: draw the examples from another split of the datamodule (e.g. val: data the model never trained
-                on); ids then refer to it.
+                on); ids then refer to it, and the results go to ``output_dir/pool-<pool>/`` (so a run over another
+                pool never overwrites this one's).
             score_batch_size: batch size of candidate scoring and Hessian passes.
             report: write report.html.
         """
@@ -423,6 +429,11 @@ def main(args: list[str] | None = None) -> None:
         os.environ["LIGHTNING_FASTIF_DEBUG"] = "1"  # DDP ranks re-run the command without the flag
     try:
         threads = pop_option(argv, "--threads")
+        for i, arg in enumerate(
+            argv
+        ):  # `influence --overwrite` as a flag (jsonargparse wants a value for a bool)
+            if arg == "--overwrite" and (i + 1 == len(argv) or argv[i + 1].lower() not in ("true", "false")):
+                argv[i] = "--overwrite=true"
         if args is None:  # Lightning reads sys.argv (and DDP's popen re-runs it): keep only its own arguments
             sys.argv[1:] = argv or ["--help"]
         set_num_threads("auto" if threads is None else threads)

@@ -114,9 +114,12 @@ def influence_command(
     report: bool,
     pool: str | None,
     candidates: str,
+    overwrite: bool = False,
 ) -> list[Any]:
     """The ``influence`` subcommand (arguments: :meth:`InfluenceTrainer.influence`)."""
     _check_run_arguments(output_dir, score_batch_size=score_batch_size, top_k=top_k)
+    if not isinstance(overwrite, bool):
+        raise ConfigurationError(f"Expected `overwrite` to be true or false, but got {overwrite!r}.")
     im = influence_module(
         model,
         datamodule,
@@ -141,7 +144,10 @@ def influence_command(
 
         im = prepare_influence(im, datamodule, queries.group, pool)
     out = Path(output_dir)
-    trainer.callbacks.append(InfluenceWriter(out, query_split=queries.split))
+    writer = InfluenceWriter(
+        out, overwrite=overwrite, query_split=queries.split, overwrite_hint="--overwrite"
+    )
+    trainer.callbacks.append(writer)
     if report:
         trainer.callbacks.append(
             InfluenceReport(
@@ -161,11 +167,21 @@ def influence_command(
         ),
     )
     results = [r for b in batches or [] for r in b]
-    rank_zero_info(
-        f"lightning_fastif: explained {len(results)} queries in {time.perf_counter() - start:.1f}s "
-        f"(stages: {', '.join(f'{k} {v:.2f}s' for k, v in im.timings.items())}); results in {out.resolve()}/"
-        "{influence.jsonl, report.html}"
-    )
+    seconds = time.perf_counter() - start
+    # the queries of this run answered by kept records
+    reused = len(writer.done & set(ids)) - len(writer.replaced)
+    where = f"results in {out.resolve()}/{{influence.jsonl, report.html}}"
+    if results:
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in im.timings.items())
+        also = f"; reused {reused} records made with the same settings" if reused > 0 else ""
+        rank_zero_info(
+            f"lightning_fastif: explained {len(results)} queries in {seconds:.1f}s (stages: {stages}){also}; {where}"
+        )
+    else:
+        rank_zero_info(
+            f"lightning_fastif: explained no new query: all {max(reused, 0)} were reused from records made with the "
+            f"same settings (--overwrite to recompute); {where}"
+        )
     return results
 
 

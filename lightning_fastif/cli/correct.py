@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_fastif.errors import ConfigurationError
 
-__all__ = ["prepare_influence", "run_correct"]
+__all__ = ["correct_output_dir", "prepare_influence", "run_correct"]
 
 
 def _split(datamodule: Any, split: str, what: str) -> tuple[Any, Any]:
@@ -83,7 +83,7 @@ def run_correct(
     data = result.to_dict()
     if not trainer.is_global_zero:  # the loop runs in every process alike (it is not sharded); rank 0 writes
         return data
-    out = Path(output_dir)
+    out = correct_output_dir(output_dir, pool)
     out.mkdir(parents=True, exist_ok=True)
     from lightning_fastif._files import atomic_write_text
 
@@ -110,6 +110,13 @@ def run_correct(
         f"({_first_method(settings)} examples, seed {settings.seeds[0]}) in {ckpt}"
     )
     return data
+
+
+def correct_output_dir(output_dir: str, pool: str | None) -> Path:
+    """Where ``correct`` writes: ``output_dir`` for the training pool, ``output_dir/pool-<name>`` for another pool,
+    so that runs over different pools never overwrite each other's ``correction.json`` and ``corrected.ckpt``."""
+    out = Path(output_dir)
+    return out if pool is None or pool == "train" else out / f"pool-{pool}"
 
 
 def _first_method(settings: Any) -> str:

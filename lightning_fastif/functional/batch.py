@@ -16,9 +16,11 @@ from torch import Tensor
 __all__ = [
     "FORWARD_FN_HELP",
     "ForwardFn",
+    "batch_digest",
     "batch_size",
     "call_model",
     "check_forward_fn",
+    "example_digests",
     "fetch",
     "labels_of",
     "logits_of",
@@ -183,3 +185,45 @@ def fetch(dataset: Any, ids: list[int], collate_fn: Any = None) -> Any:
         index = torch.as_tensor(ids, dtype=torch.long)
         return tuple(t[index] for t in dataset.tensors)
     return (collate_fn or default_collate)([dataset[i] for i in ids])
+
+
+def batch_digest(batch: Any) -> str:
+    """A SHA-256 (hex) of everything in ``batch``: the dtype, shape and bytes of each tensor, the repr of the rest.
+
+    Two batches with equal inputs and labels give the same string; one changed value, label or dtype changes it.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, Tensor):
+            t = value.detach().to("cpu")
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            h.update(f"{{{len(value)}".encode())
+            for k in sorted(value, key=str):
+                h.update(repr(str(k)).encode())
+                feed(value[k])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"[{len(value)}".encode())
+            for v in value:
+                feed(v)
+        else:
+            h.update(repr(value).encode())
+
+    feed(batch)
+    return h.hexdigest()
+
+
+def example_digests(batch: Any) -> list[str]:
+    """:func:`batch_digest` of each example of ``batch`` (input and label), in order: ``B`` strings.
+
+    Example:
+        >>> a = example_digests((torch.zeros(2, 3), torch.tensor([0, 1])))
+        >>> a[0] != a[1]
+        True
+    """
+    return [batch_digest(slice_batch(batch, torch.tensor([i]))) for i in range(batch_size(batch))]

@@ -44,6 +44,12 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
+def _callable_name(fn: Any) -> str:
+    from lightning_fastif.functional.params import callable_identity
+
+    return callable_identity(fn)
+
+
 class DensePlan:
     """How a dense ``[P, P]`` curvature will be built and what it will cost at its peak.
 
@@ -89,6 +95,9 @@ class TrainingCurvature:
         progress: optional ``callback(stage, done, total)``.
         mode: ``"hessian"``, ``"gauss_newton"`` or ``"auto"`` (computes as ``"hessian"``; the auto solver may
             switch it with :meth:`with_mode`).
+        state: the fingerprints of the model state and training data already computed by the caller
+            (``{"model": fingerprint(model), "data": dataset_fingerprint(dataset)}``); computed when needed if not
+            given. They enter :attr:`key`.
     """
 
     def __init__(
@@ -104,6 +113,7 @@ class TrainingCurvature:
         all_reduce: Callable[[Tensor], Tensor] | None = None,
         progress: Progress | None = None,
         mode: str = "hessian",
+        state: dict[str, Any] | None = None,
     ) -> None:
         if mode not in CURVATURES:
             raise ConfigurationError(
@@ -124,7 +134,8 @@ class TrainingCurvature:
         self.all_reduce = all_reduce or _identity
         self.progress = progress
         self.mode = mode
-        self._key: str | None = None
+        self._state = dict(state or {})
+        self._key_box: dict[str, Any] = {}  # shared by with_mode copies: the state is hashed once
         self._split: Any = None
         if mode == "gauss_newton":
             self._split = self._loss_split()
@@ -189,15 +200,46 @@ class TrainingCurvature:
             ids = torch.randint(self.num_examples, (size,), generator=generator).tolist()
         return self._to_device(fetch(self.dataset, ids, self._user_collate))
 
+    def key_parts(self) -> dict[str, str]:
+        """What the curvature depends on, one digest each: the selected weights, the whole model state (every
+        parameter and buffer: frozen layers and BatchNorm statistics shape the curvature too), the training data
+        (every in-memory byte, see :func:`~lightning_fastif.functional.params.dataset_fingerprint`), the loss
+        (its source, ``loss_fn``, ``forward_fn`` and model object) and the selection (names, N, dataset object,
+        world size)."""
+        box = self._key_box
+        if "parts" not in box:
+            from lightning_fastif.functional.params import dataset_fingerprint, fingerprint
+
+            theta = hashlib.sha256()
+            theta.update(f"{self.theta.dtype}".encode())
+            theta.update(
+                memoryview(self.theta.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+            )
+            model = self._state.get("model")
+            if model is None and isinstance(self.model, torch.nn.Module):
+                model = fingerprint(self.model)
+            data = self._state.get("data")
+            if data is None:
+                data = dataset_fingerprint(self.dataset)
+            identity = getattr(self.loss, "identity", None)
+            loss = identity() if callable(identity) else _callable_name(self.loss)
+            box["parts"] = {
+                "weights": theta.hexdigest(),
+                "model": str(model),
+                "data": hashlib.sha256(repr(sorted(dict(data).items())).encode()).hexdigest(),
+                "loss": loss,
+                "selection": repr((self.spec.names, self.num_examples, id(self.dataset), self.world_size)),
+            }
+        return dict(box["parts"])
+
     @property
     def key(self) -> str:
-        """Identifies (theta, dataset length, selected names): a cache key for factorisations."""
-        if self._key is None:
-            h = hashlib.sha256(self.theta.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            h.update(repr((self.spec.names, self.num_examples, id(self.dataset), self.world_size)).encode())
-            h.update(self.kind.encode())
-            self._key = h.hexdigest()
-        return self._key if self.kind == "hessian" else self._key + ":gn"
+        """Identifies everything a solver's cache depends on (:meth:`key_parts`) and the curvature kind: a cache key
+        for factorisations, factors and eigenvalue estimates. A hex digest, with ``":gn"`` for Gauss-Newton."""
+        box = self._key_box
+        if "key" not in box:
+            box["key"] = hashlib.sha256(repr(sorted(self.key_parts().items())).encode()).hexdigest()
+        return box["key"] if self.kind == "hessian" else box["key"] + ":gn"
 
     # ------------------------------------------------------------------ curvature
     def _full_pass(self, stage: str, fn: Callable[[Any], Tensor]) -> Tensor:

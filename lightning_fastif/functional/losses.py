@@ -324,6 +324,18 @@ class PerExampleLoss:
                 self.plain_cross_entropy = True
         self._graph = _LossGraph(model, self)
 
+    def identity(self) -> str:
+        """What this loss computes, as a string for cache keys: its source, ``loss_fn`` and ``forward_fn`` (qualified
+        name and ``id``), a found loss module's settings and the model object. Two losses built from the same
+        model, ``loss_fn`` and ``forward_fn`` share it; any other pair does not."""
+        from lightning_fastif.functional.params import callable_identity
+
+        found = self.module_loss.description if self.module_loss is not None else ""
+        return (
+            f"{self.source}|loss_fn={callable_identity(self.loss_fn)}|forward_fn={callable_identity(self.forward_fn)}"
+            f"|module_loss={found}|model={type(self.model).__qualname__}@{id(self.model):x}"
+        )
+
     def loss_of_outputs(self, outputs: Any, batch: Any) -> Tensor:
         """Per-example losses ``[B]`` from the model's outputs on ``batch`` (not for ``per_example_loss``)."""
         if self.loss_fn is not None:

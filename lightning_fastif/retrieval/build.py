@@ -108,6 +108,6 @@ def build_index(
         "feature_layer": name,
         "dataset_length": len(dataset),  # type: ignore[arg-type]
         "model_fingerprint": fingerprint(model),
-        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "dataset_fingerprint": dataset_fingerprint(dataset, read_all=True),
     }
     return BuiltIndex(index, meta, feats, logits)

@@ -35,6 +35,7 @@ from torch import Tensor
 from lightning_fastif._files import (
     META_FILE,
     digest,
+    folder_lock,
     fsync_path,
     leftovers,
     pid_alive,
@@ -79,7 +80,7 @@ class IndexMeta:
     dataset_length: int | None = None
     model_fingerprint: str | None = None
     dataset_fingerprint: dict[str, Any] | None = (
-        None  # functional.params.dataset_fingerprint: labels, input sample
+        None  # functional.params.dataset_fingerprint: labels, input sample, content (every in-memory byte or row)
     )
     dim: int | None = None
     ntotal: int | None = None
@@ -197,10 +198,21 @@ def save_index(
             raise ConfigurationError(
                 f"Expected the names of `arrays` to be identifiers other than ids/index/meta, but got {name!r}."
             )
-    from lightning_fastif._version import __version__
-
     dirpath = Path(dirpath)
     dirpath.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(dirpath, "index folder"):  # one writer at a time (another one fails at once, named)
+        return _save_locked(index, dirpath, info, overwrite, arrays)
+
+
+def _save_locked(
+    index: CandidateIndex,
+    dirpath: Path,
+    info: IndexMeta,
+    overwrite: bool,
+    arrays: dict[str, Tensor | np.ndarray],
+) -> IndexMeta:
+    from lightning_fastif._version import __version__
+
     _recover(dirpath)
     _check_replaceable(dirpath, overwrite)
 
@@ -345,20 +357,14 @@ def _same_layer(a: Any, b: Any) -> bool:
 
 def _dataset_diffs(have: Any, want: Any) -> list[str]:
     """What differs between two ``dataset_fingerprint`` dicts, in words (an index saved without one: nothing)."""
+    from lightning_fastif.functional.params import dataset_fingerprint_diffs
+
     if not isinstance(have, Mapping) or not isinstance(want, Mapping):
         return []
-    out = []
-    if have.get("labels") != want.get("labels"):
-        out.append(
-            "dataset_fingerprint: the training labels differ from those the index was built on (same length, other "
-            "data or another order)"
-        )
-    if have.get("inputs") != want.get("inputs"):
-        out.append(
-            f"dataset_fingerprint: the training inputs differ from those the index was built on (a sample of "
-            f"{want.get('sample')} examples compared)"
-        )
-    return out
+    return [
+        f"dataset_fingerprint: {d} from those the index was built on"
+        for d in dataset_fingerprint_diffs(dict(have), dict(want))
+    ]
 
 
 def load_index(

@@ -20,25 +20,96 @@ from typing import Any
 
 import torch
 
-from lightning_fastif._files import META_FILE, digest, fsync_path, remove_folder
-from lightning_fastif.errors import IndexCorruptError, IndexMismatchError
+from lightning_fastif._files import (
+    META_FILE,
+    digest,
+    folder_lock,
+    fsync_path,
+    leftovers,
+    pid_alive,
+    remove_folder,
+)
+from lightning_fastif.errors import ConfigurationError, IndexCorruptError, IndexMismatchError
 from lightning_fastif.functional.kfac.factors import KFACFactors
 from lightning_fastif.functional.kfac.layers import LayerSlot
 
-__all__ = ["COMPARED", "load_factors", "read_meta", "save_factors"]
+__all__ = [
+    "COMPARED",
+    "check_factors_dir",
+    "clean_dead_leftovers",
+    "load_factors",
+    "read_meta",
+    "save_factors",
+]
 
 FACTORS_FILE = "factors.pt"
 FORMAT_VERSION = 1
 COMPARED = ("fisher", "seed", "param_names", "dataset_length", "model_fingerprint", "data_fingerprint")
 """The meta.json fields that must equal the current run's for saved factors to be reused."""
 
+OURS = frozenset({FACTORS_FILE, META_FILE})
+"""The only names a factors folder (or one of its temporary siblings) written by this library holds."""
+
+
+def check_factors_dir(dirpath: str | Path) -> None:
+    """Refuse a ``factors_dir`` the library did not write: an existing file, or a folder holding other files.
+
+    A missing folder, an empty one, or one holding only ``factors.pt`` / ``meta.json`` may be written (and replaced).
+
+    Raises:
+        ConfigurationError: naming ``factors_dir`` and what is there; nothing is renamed or removed.
+    """
+    dirpath = Path(dirpath)
+    if dirpath.exists() and not dirpath.is_dir():
+        raise ConfigurationError(
+            f"Expected `factors_dir` to be a folder (or a path that does not exist yet), but {str(dirpath)!r} is a "
+            "file. It is left as it is: point `factors_dir` at a folder."
+        )
+    if dirpath.is_dir():
+        foreign = sorted(p.name for p in dirpath.iterdir() if p.name not in OURS)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+            raise ConfigurationError(
+                f"Expected `factors_dir` to be a new folder or a factors folder (with only {FACTORS_FILE} and "
+                f"{META_FILE}), but {str(dirpath)!r} holds other files ({shown}). Saving factors there would replace "
+                "them, so nothing is written: point `factors_dir` at another folder."
+            )
+
+
+def clean_dead_leftovers(dirpath: str | Path) -> list[Path]:
+    """Delete the temporary siblings (``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>-*``) of writers that died.
+
+    Only folders holding nothing but ``factors.pt`` / ``meta.json`` are deleted (what a factors save writes);
+    a leftover of a live process is left alone. Returns the deleted paths.
+    """
+    removed = []
+    for _kind, pid, path in leftovers(Path(dirpath)):
+        if pid_alive(pid):
+            continue
+        try:
+            names = {p.name for p in path.iterdir()}
+        except OSError:
+            continue
+        if names <= OURS:
+            remove_folder(path)
+            removed.append(path)
+    return removed
+
 
 def save_factors(dirpath: str | Path, factors: KFACFactors, meta: dict[str, Any]) -> Path:
     """Write ``factors`` and ``meta`` (plus kind, layers, version, time, checksum) to ``dirpath`` atomically."""
-    from lightning_fastif._version import __version__
 
     dirpath = Path(dirpath)
+    check_factors_dir(dirpath)  # never rename or remove what the library did not write
     dirpath.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(dirpath, "factors folder"):  # one writer at a time (another one fails at once, named)
+        clean_dead_leftovers(dirpath)
+        return _save_locked(dirpath, factors, meta)
+
+
+def _save_locked(dirpath: Path, factors: KFACFactors, meta: dict[str, Any]) -> Path:
+    from lightning_fastif._version import __version__
+
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = dirpath.parent / f".{dirpath.name}.tmp-{token}"
     tmp.mkdir()
@@ -101,6 +172,15 @@ def mismatches(meta: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     """What differs between a saved folder's meta and the current run, one phrase per field."""
     out = []
     for key in COMPARED:
+        if key == "data_fingerprint" and key in expected:
+            from lightning_fastif.functional.params import dataset_fingerprint_diffs
+
+            if isinstance(meta.get(key), dict) and isinstance(expected[key], dict):
+                out += [
+                    f"data_fingerprint differs (other training data: {d})"
+                    for d in dataset_fingerprint_diffs(meta[key], expected[key])
+                ]
+                continue
         if key in expected and meta.get(key) != expected[key]:
             if key in ("model_fingerprint", "data_fingerprint"):
                 out.append(
@@ -124,6 +204,8 @@ def load_factors(dirpath: str | Path, expected: dict[str, Any], kind: str) -> KF
         IndexCorruptError: ``factors.pt`` is missing or does not match its checksum.
     """
     dirpath = Path(dirpath)
+    check_factors_dir(dirpath)
+    clean_dead_leftovers(dirpath)
     meta = read_meta(dirpath)
     if meta is None:
         return None

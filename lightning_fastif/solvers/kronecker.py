@@ -85,6 +85,10 @@ class _KroneckerSolver(Solver):
             )
         self.fisher = fisher
         self.factors_dir = None if factors_dir is None else Path(factors_dir)
+        if self.factors_dir is not None:  # a file or someone else's folder: refused now, never renamed
+            from lightning_fastif.solvers.factors_store import check_factors_dir
+
+            check_factors_dir(self.factors_dir)
         self.batch_size = batch_size
         self.seed = int(seed)
         check_bool("overwrite", overwrite)
@@ -131,6 +135,10 @@ class _KroneckerSolver(Solver):
                 "(the real labels). Pass `loss_fn` for the true Fisher."
             )
         expected = self._expected_meta(curvature, model, mode) if self.factors_dir is not None else None
+        if self.factors_dir is not None:  # before a pass over the data: a file there is never replaced
+            from lightning_fastif.solvers.factors_store import check_factors_dir
+
+            check_factors_dir(self.factors_dir)
         factors = None
         if self.factors_dir is not None and not self.overwrite:
             from lightning_fastif.solvers.factors_store import load_factors
@@ -282,7 +290,7 @@ class _KroneckerSolver(Solver):
             "param_names": list(curvature.spec.names),
             "dataset_length": curvature.num_examples,
             "model_fingerprint": fingerprint(model),
-            "data_fingerprint": dataset_fingerprint(curvature.dataset),
+            "data_fingerprint": dataset_fingerprint(curvature.dataset, read_all=True),
         }
 
 

@@ -30,7 +30,9 @@ from lightning_fastif.functional.solvers.base import (
 
 
 class ExactSolver(Solver):
-    """Dense ``(C + damping I)``, built over the whole training set and factorised once, cached per model state.
+    """Dense ``(C + damping I)``, built over the whole training set and factorised once, cached per
+    :attr:`TrainingCurvature.key` (the weights, the whole model state, the training data, the loss and its
+    ``forward_fn``, the curvature kind): one solver shared by several modules never reuses another's factorisation.
 
     The dense matrix is built in tangent chunks into one preallocated ``P x P`` matrix; the memory guard counts
     the build's measured peak (matrix + autograd graph + one chunk) and the factorisation's (two ``P x P``

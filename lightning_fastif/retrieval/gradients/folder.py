@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_fastif.errors import ConfigurationError, IndexCorruptError, IndexMismatchError
 from lightning_fastif.functional.batch import fetch
-from lightning_fastif.functional.params import fingerprint
+from lightning_fastif.functional.params import dataset_fingerprint, fingerprint
 from lightning_fastif.retrieval.factory import make_index
 from lightning_fastif.retrieval.gradients.search import BuiltGradientIndex, GradientIndex
 from lightning_fastif.retrieval.gradients.sketcher import DEFAULT_DIM, GradientSketcher
@@ -100,6 +100,7 @@ def build_gradient_index(
         "feature_layer": sketcher.layer,
         "dataset_length": n,
         "model_fingerprint": fingerprint(model),
+        "dataset_fingerprint": dataset_fingerprint(dataset, read_all=True),
         "space": "gradients",
         "sketch": {**sketcher.settings(), "float16": bool(float16)},
     }
@@ -197,13 +198,16 @@ def _load_faiss_mmap(folder: Path, meta: Any) -> CandidateIndex:
 def _check_expected(meta: Any, want: dict[str, Any], folder: Path, ignore_mismatch: bool) -> None:
     import warnings
 
+    from lightning_fastif.retrieval import store
+
     if meta.space != want.get("space", meta.space):
         raise IndexMismatchError(f"The index at {str(folder)!r} holds {meta.space}-space candidates.")
     diffs = [
         f"{k}: the index has {getattr(meta, k)!r}, expected {v!r}"
         for k, v in want.items()
-        if k != "space" and v is not None and getattr(meta, k) != v
+        if k not in ("space", "dataset_fingerprint") and v is not None and getattr(meta, k) != v
     ]
+    diffs += store._dataset_diffs(meta.dataset_fingerprint, want.get("dataset_fingerprint"))
     if diffs:
         msg = f"The gradient index at {str(folder)!r} was built from something else: {'; '.join(diffs)}."
         if not ignore_mismatch:

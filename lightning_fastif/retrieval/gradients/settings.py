@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import fetch
-from lightning_fastif.functional.params import fingerprint
+from lightning_fastif.functional.params import dataset_fingerprint, fingerprint
 from lightning_fastif.retrieval.gradients.folder import build_gradient_index, load_gradient_index
 from lightning_fastif.retrieval.gradients.search import GradientIndex
 from lightning_fastif.retrieval.gradients.sketcher import DEFAULT_DIM, GradientSketcher
@@ -76,7 +76,11 @@ def module_gradient_index(module: Any) -> GradientIndex:
         found = meta.sketch if meta.space == "gradients" else {}
         gi = load_gradient_index(
             folder,
-            expected={"dataset_length": n, "model_fingerprint": fingerprint(module.model)},
+            expected={
+                "dataset_length": n,
+                "model_fingerprint": fingerprint(module.model),
+                "dataset_fingerprint": dataset_fingerprint(module.train_dataset, read_all=True),
+            },
             sketcher=sketcher({**found, "dim": found.get("requested_dim", DEFAULT_DIM)}) if found else None,
         )
     elif isinstance(index, GradientIndex):
