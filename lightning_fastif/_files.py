@@ -6,6 +6,7 @@ See ``retrieval.store`` for the atomic replacement scheme these serve.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -99,10 +100,29 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in FULL_DISK_ERRNOS:
+            raise full_disk_error(err, target, "the previous file, if any, is unchanged") from err
         raise
     return target
+
+
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""No space left, a file-size limit (``ulimit -f``), a disk quota: what a write of results can meet."""
+
+
+def full_disk_error(err: OSError, path: Path, kept: str) -> Any:
+    """A one-line :class:`ResultsWriteError` for a failed write of ``path``, saying what was kept."""
+    from lightning_fastif.errors import ResultsWriteError
+
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    code = errno.errorcode.get(err.errno or 0, "")
+    return ResultsWriteError(
+        err.errno or 0,
+        f"Expected to write {str(path)!r}, but the write failed: {reason}{f' ({code})' if code else ''}; {kept}. "
+        "Free space (or raise the file-size limit) and rerun the same command.",
+    )
 
 
 class FolderLockedError(FastIFError, OSError):

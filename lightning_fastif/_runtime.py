@@ -12,7 +12,14 @@ from torch import nn
 
 from lightning_fastif.errors import ConfigurationError
 
-__all__ = ["NON_TTY_INTERVAL_S", "StageProgress", "check_positive_int", "eval_mode", "synchronize"]
+__all__ = [
+    "NON_TTY_INTERVAL_S",
+    "StageProgress",
+    "check_bool",
+    "check_positive_int",
+    "eval_mode",
+    "synchronize",
+]
 
 NON_TTY_INTERVAL_S = 60.0
 """Seconds between progress lines when stderr is not a terminal (a log file, CI)."""
@@ -95,3 +102,9 @@ def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         what = "a positive int or None" if allow_none else "a positive int"
         raise ConfigurationError(f"Expected `{name}` to be {what}, but got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """A real ``bool`` only: a string such as ``"no"`` is truthy and would silently mean ``True``."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"Expected `{name}` to be a bool (True or False), but got {value!r}.")

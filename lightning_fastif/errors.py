@@ -7,6 +7,11 @@ already handles those keeps working.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+from typing import Any
+
 
 class FastIFError(Exception):
     """Base class of every error raised on purpose by lightning_fastif."""
@@ -63,3 +68,73 @@ class SolverConvergenceError(FastIFError, RuntimeError):
 
 class SolverConvergenceWarning(UserWarning):
     """A solver did not reach its convergence tolerance: its s_test (and influence) are approximate."""
+
+
+class RecordFormatError(ConfigurationError, TypeError):
+    """A result record (an ``InfluenceResult.to_dict()``) lacks required keys; a ``TypeError`` as it used to be."""
+
+
+class ResultsWriteError(FastIFError, OSError):
+    """Results could not be written (no space left, a file-size limit...); those written before are kept."""
+
+    def __str__(self) -> str:  # one line: the message only, without OSError's "[Errno 28]" prefix
+        return str(self.strerror)
+
+
+class UnknownArgumentError(ConfigurationError, TypeError):
+    """A keyword argument the function does not take (a typo: ``dampnig=``); says which name was meant."""
+
+
+def check_keywords(init: Any) -> Any:
+    """Decorate an ``__init__`` so that an unknown keyword raises :class:`UnknownArgumentError` with a "did you
+    mean" (``dampnig=`` -> ``damping``) instead of Python's bare ``TypeError``. The signature is kept
+    (``functools.wraps``), so LightningCLI and ``inspect.signature`` see the original arguments."""
+    signature = inspect.signature(init)
+    params = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return init
+    names = _names(params)
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            accepted = _keyword_names(type(self)) or names
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+                hints.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+            raise UnknownArgumentError(
+                f"Expected the keyword arguments of {type(self).__name__} to be among {', '.join(accepted)}, but got the unknown "
+                f"keyword(s) {', '.join(hints)}."
+            )
+        return init(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _names(params: Any) -> list[str]:
+    return [
+        n
+        for n, p in params.items()
+        if p.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL)
+        and p.kind is not inspect.Parameter.VAR_KEYWORD
+        and n != "self"
+    ]
+
+
+def _keyword_names(cls: type) -> list[str]:
+    """Every keyword the constructors of ``cls`` and its bases accept (a subclass passing ``**kwargs`` on)."""
+    out: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            params = inspect.signature(inspect.unwrap(init)).parameters
+        except (TypeError, ValueError):
+            continue
+        out += [n for n in _names(params) if n not in out]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    return out

@@ -64,6 +64,25 @@ class InfluenceResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InfluenceResult:
         """Inverse of :meth:`to_dict` (``None`` scores stay ``None``)."""
+        from dataclasses import MISSING, fields
+
+        from lightning_fastif.errors import RecordFormatError
+
+        if not isinstance(data, dict):
+            raise RecordFormatError(
+                f"Expected `data` to be a dict (an InfluenceResult's to_dict()), but got {type(data).__name__}."
+            )
+        required = [
+            f.name
+            for f in fields(cls)
+            if f.default is MISSING and f.default_factory is MISSING  # type: ignore[misc]
+        ]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise RecordFormatError(
+                f"Expected `data` to hold every required key of an InfluenceResult ({', '.join(required)}), but "
+                f"got a dict without {', '.join(missing)} (its keys: {', '.join(map(str, data)) or 'none'})."
+            )
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -148,3 +148,43 @@ def test_lightnings_start_up_lines_do_not_precede_an_error(tmp_path, capsys, cap
     assert code == 2
     lightning = [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
     assert not [m for m in lightning if m.startswith(("Seed set", "GPU available", "TPU available", "💡"))]
+
+
+def test_a_missing_interpolation_exits_2_with_one_line_naming_the_key(tmp_path, capsys):
+    """Issue 17: a `${...}` naming no key was an InterpolationKeyError over three lines, exit 1."""
+    config = tmp_path / "extra.yaml"
+    config.write_text("top_k: ${missing.key}\n")
+    code, err = _fails(capsys, [*_influence(tmp_path), "-c", str(config)])
+    assert code == 2
+    assert _error_lines(err) == [
+        "lightning-fastif influence: error: Expected every `${...}` interpolation to name a key of the "
+        "configuration, but `influence.top_k` holds one that does not (Interpolation key 'missing.key' not found)."
+    ]
+    assert len(err.strip().splitlines()) == 1
+    code, err = _fails(capsys, _influence(tmp_path, "--top_k=${nope"))  # not even an interpolation
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "`influence.top_k` could not be resolved (GrammarParseError" in err
+
+
+def test_a_full_disk_while_writing_results_is_one_line_naming_the_file():
+    """Issue 17: ENOSPC / EFBIG under `influence` end in one line (the JSONL keeps the records written before)."""
+    import errno
+
+    from lightning_fastif.cli.support import describe
+    from lightning_fastif.errors import ResultsWriteError
+
+    err = ResultsWriteError(
+        errno.ENOSPC, "Expected to append results to 'out/influence.jsonl', but the write failed: No space"
+    )
+    try:  # as Lightning re-raises it: the library's error is found in the chain
+        try:
+            raise err
+        except ResultsWriteError as inner:
+            raise RuntimeError("predict failed") from inner
+    except RuntimeError as outer:
+        code, message = describe(outer, ["influence"], {"influence": None})
+    assert code == 1
+    assert message == (
+        "lightning-fastif influence: error: Expected to append results to 'out/influence.jsonl', but the write "
+        "failed: No space"
+    )

@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from torch import Tensor
+
 from lightning_fastif.applications._rebind import rebind
 from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.influence.checks import check_dataset_length
 from lightning_fastif.influence.module import InfluenceModule
 from lightning_fastif.results import InfluenceResult
 
@@ -28,6 +31,7 @@ class PoolInfluenceModule(InfluenceModule):
 
     fit_dataset: Any = None
     pool_name: str = "pool"
+    dataset_argument = "pool"
 
     def curvature(self, *args: Any, **kwargs: Any) -> Any:
         """The training set's curvature (not the pool's): the model was fit on ``fit_dataset``."""
@@ -65,12 +69,45 @@ def with_pool(
         raise ConfigurationError(
             f"Expected `pool` to be a map-style Dataset (with __len__ and __getitem__), but got {type(pool).__name__}."
         )
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(
+            f"Expected `name` to be a non-empty str (what records call the pool, e.g. 'val'), but got {name!r}."
+        )
     if len(pool) == 0:
         raise ConfigurationError("Expected `pool` to hold at least one example, but got an empty dataset.")
     fit = getattr(im, "fit_dataset", None) or im.train_dataset
+    check_dataset_length(pool, "pool")
+    check_same_format(pool[0], fit[0])
     k = im.num_candidates
     overrides = {} if k is None else {"num_candidates": min(k, len(pool))}
     out = rebind(im, model, pool, index=index, cls=PoolInfluenceModule, **overrides)
     out.fit_dataset = fit
     out.pool_name = str(name)
     return out
+
+
+def check_same_format(example: Any, reference: Any) -> None:
+    """A pool example must have the training set's format (checked on the first example of each): every
+    floating-point tensor (features, pixels) at the same place has the same shape; integer tensors (token ids) may
+    differ in length but not in number of dimensions."""
+
+    def leaves(item: Any, at: str) -> dict[str, Any]:
+        if isinstance(item, Tensor):
+            return {at: item}
+        if isinstance(item, dict):
+            return {k: v for key, x in item.items() for k, v in leaves(x, f"{at}[{key!r}]").items()}
+        if isinstance(item, (tuple, list)):
+            return {k: v for i, x in enumerate(item) for k, v in leaves(x, f"{at}[{i}]").items()}
+        return {}
+
+    got, want = leaves(example, "[0]"), leaves(reference, "[0]")
+    for key, ref in want.items():
+        x = got.get(key)
+        if x is None:  # an int label where the training set has a 0-d tensor...: compared later, by the loss
+            continue
+        fixed = ref.is_floating_point() or x.is_floating_point()
+        if x.dim() != ref.dim() or (fixed and x.shape != ref.shape):
+            raise ConfigurationError(
+                f"Expected `pool` examples to have the training set's format (train_dataset{key} has shape "
+                f"{list(ref.shape)}), but got pool{key} of shape {list(x.shape)}."
+            )

@@ -107,6 +107,9 @@ def describe(err: BaseException, argv: list[str], parsers: dict[str, Any]) -> tu
         return (USAGE_EXIT if usage else FAILURE_EXIT), f"{prog}: error: {ours}"
     if isinstance(err, UsageError):
         return USAGE_EXIT, f"{prog}: error: {err}"
+    config = next((e for e in _chain(err) if type(e).__module__.split(".")[0] == "omegaconf"), None)
+    if config is not None:  # a `${...}` that names no key, a bad interpolation...: the config's fault
+        return USAGE_EXIT, f"{prog}: error: {config_error_message(config)}"
     if isinstance(err, argparse.ArgumentError) or type(err).__name__ == "ArgumentError":
         text = _clean_parser_message(str(err))
         match = re.search(r"[Uu]nrecognized arguments: (.+)", text)
@@ -124,6 +127,22 @@ def describe(err: BaseException, argv: list[str], parsers: dict[str, Any]) -> tu
         return USAGE_EXIT, f"{prog}: error: {err}"
     return FAILURE_EXIT, (
         f"{prog}: error: {type(err).__name__}: {err}\n(rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+    )
+
+
+def config_error_message(err: BaseException) -> str:
+    """One line for an OmegaConf error: which key holds the bad ``${...}`` and what is wrong with it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
+    where = f"`{key}`" if key else "the configuration"
+    if type(err).__name__ == "InterpolationKeyError":
+        return (
+            f"Expected every `${{...}}` interpolation to name a key of the configuration, but {where} holds one "
+            f"that does not ({first})."
+        )
+    return (
+        f"Expected a valid configuration, but {where} could not be resolved ({type(err).__name__}: {first})."
     )
 
 

@@ -96,6 +96,8 @@ def per_example_grads_and_losses(
             parts = [batched(params, slice_batch(batch, slice(i, i + step))) for i in range(0, n, step)]
             return torch.cat([spec.flatten(g) for g, _ in parts]), torch.cat([v for _, v in parts])
         except (RuntimeError, NotImplementedError) as err:  # operators without batching rules: loop below
+            if randomness_error(err) is not None:  # a loop would differentiate a different function each call
+                raise randomness_error(err) from err  # type: ignore[misc]
             warnings.warn(
                 f"vmap over examples failed for this model ({type(err).__name__}: {str(err)[:200]}); computing "
                 "per-example gradients one example at a time (correct, but slower). Data-dependent Python control "
@@ -107,3 +109,21 @@ def per_example_grads_and_losses(
         for i in range(n)
     ]
     return torch.stack([g for g, _ in rows]), torch.stack([v for _, v in rows])
+
+
+RANDOMNESS_MESSAGE = "vmap: called random operation"
+
+
+def randomness_error(err: BaseException) -> Exception | None:
+    """The clear error for torch.func's "called random operation" (the forward draws random numbers), or None."""
+    if RANDOMNESS_MESSAGE not in str(err):
+        return None
+    from lightning_fastif.errors import UnsupportedModelError
+
+    return UnsupportedModelError(
+        "Expected the model's forward to be deterministic in eval mode (influence differentiates the same "
+        "function for every example), but it draws random numbers: dropout that ignores eval mode (e.g. "
+        "`F.dropout(x, p, training=True)`), or `torch.rand`/`torch.randn`/`torch.bernoulli` in `forward`. Make "
+        "that randomness follow `self.training` (the library calls `model.eval()`), or pass a `forward_fn` that "
+        f"skips it. (torch.func said: {str(err)[:120]})"
+    )

@@ -25,6 +25,7 @@ from lightning_fastif.errors import ConfigurationError, LossResolutionError
 from lightning_fastif.functional.batch import (
     FORWARD_FN_HELP,
     ForwardFn,
+    batch_size,
     call_model,
     check_forward_fn,
     labels_of,
@@ -479,6 +480,12 @@ class PerExampleLoss:
                 f"Expected the {self.source} loss to return per-example losses of shape [B] (no reduction), "
                 f"but got {got}. {_HOW_TO}"
             )
+        n = _leading_size(batch)
+        if n is not None and losses.shape[0] != n:
+            raise LossResolutionError(
+                f"Expected the {self.source} loss to return one loss per example of the batch (shape [{n}]), but "
+                f"got shape {list(losses.shape)}. {_HOW_TO}"
+            )
         return losses
 
     def split(self) -> tuple[Callable[[dict[str, Tensor], Any], Any], LossFn] | None:
@@ -552,3 +559,11 @@ def check_finite(values: Tensor, what: str, ids: Any = None) -> None:
             f"Expected a finite {what}, but got NaN or inf at batch position(s) {rows[:20]}: check the inputs and "
             "the model's outputs for those examples (a diverged checkpoint gives this too)."
         )
+
+
+def _leading_size(batch: Any) -> int | None:
+    """The batch's number of examples (its first tensor's leading size), or None when it has no batched tensor."""
+    try:
+        return batch_size(batch)
+    except TypeError:
+        return None

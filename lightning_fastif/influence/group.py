@@ -21,6 +21,7 @@ from lightning_fastif.functional.batch import batch_size as _batch_size
 from lightning_fastif.functional.batch import call_model, labels_of, logits_of
 from lightning_fastif.functional.grads import flat_loss
 from lightning_fastif.functional.losses import check_finite
+from lightning_fastif.influence.checks import check_query_ids
 from lightning_fastif.results import InfluenceResult
 
 __all__ = ["explain_group", "group_candidates", "group_influence", "group_s_test"]
@@ -93,11 +94,7 @@ def explain_group(im: Any, batch: Any, query_ids: Sequence[int] | None = None) -
         query_ids: their ids in the query dataset (default ``0..B-1``).
     """
     n = _check_batch(batch)
-    query_ids = list(range(n)) if query_ids is None else [int(q) for q in query_ids]
-    if len(query_ids) != n:
-        raise ConfigurationError(
-            f"Expected `query_ids` to hold one id per query example ({n}), but got {len(query_ids)}."
-        )
+    query_ids = list(range(n)) if query_ids is None else check_query_ids(query_ids, n)
     batch = im._prepare(batch)
     theta, spec = im._theta()
     with eval_mode(im.model):

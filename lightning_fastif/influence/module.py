@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.dataloader import default_collate
 
 from lightning_fastif._runtime import StageProgress, eval_mode, synchronize
-from lightning_fastif.errors import ConfigurationError
+from lightning_fastif.errors import ConfigurationError, check_keywords
 from lightning_fastif.functional.batch import (
     batch_digest,
     example_digests,
@@ -29,14 +29,20 @@ from lightning_fastif.functional.batch import (
 )
 from lightning_fastif.functional.batch import batch_size as _batch_size
 from lightning_fastif.functional.curvature import TrainingCurvature
-from lightning_fastif.functional.grads import per_example_grads_and_losses
+from lightning_fastif.functional.grads import per_example_grads_and_losses, randomness_error
 from lightning_fastif.functional.losses import check_finite, resolve_loss
 from lightning_fastif.functional.params import ParamSpec, select_params
 from lightning_fastif.functional.scores import merge_topk, score_batch, split_topk
 from lightning_fastif.functional.sequence import full_precision
 from lightning_fastif.functional.solvers.base import Solver
 from lightning_fastif.influence.candidates import resolve_candidate_index
-from lightning_fastif.influence.checks import check_arguments, check_training_finite
+from lightning_fastif.influence.checks import (
+    check_arguments,
+    check_query_ids,
+    check_train_indices,
+    check_training_finite,
+    model_call_error,
+)
 from lightning_fastif.influence.head import head_fast_path, head_fast_scores, train_labels
 from lightning_fastif.influence.predict import assemble_results, batch_query_ids, predictions
 from lightning_fastif.influence.trust import curvature_state, trusted
@@ -97,10 +103,13 @@ class InfluenceModule(pl.LightningModule):
 
     skip_query_ids: frozenset[int] = frozenset()
     """Query ids ``predict_step`` leaves out (set by ``InfluenceWriter`` when it resumes a run)."""
+    dataset_argument: str = "train_dataset"
+    """The argument the candidate ids are positions in, for error messages (``"pool"`` for a pool module)."""
     skip_query_digests: dict[int, str] = {}  # noqa: RUF012 - replaced, never mutated
     """Query id -> ``batch_digest`` of the query (input and label) its kept record was made from: a skipped id whose
     query now differs is computed again (set by ``InfluenceWriter`` with ``skip_query_ids``)."""
 
+    @check_keywords
     def __init__(
         self,
         model: nn.Module,
@@ -134,6 +143,9 @@ class InfluenceModule(pl.LightningModule):
             score_method,
             sketch,
             curvature,
+            params=params,
+            collate_fn=collate_fn,
+            progress=progress,
         )
         self.curvature_mode = curvature
         self.candidates = candidates
@@ -244,7 +256,13 @@ class InfluenceModule(pl.LightningModule):
         theta, spec = self._theta()
         with eval_mode(self.model):
             with torch.no_grad():  # one plain call first: labels are checked here (not inside vmap)
-                self.loss(spec.unflatten(theta), batch)
+                try:
+                    self.loss(spec.unflatten(theta), batch)
+                except RuntimeError as err:  # the query inputs do not fit the model (wrong width...)
+                    clear = model_call_error(self, err, batch, "the query `batch`")
+                    if clear is None:
+                        raise
+                    raise clear from err
             grads, losses = per_example_grads_and_losses(self.loss, theta, spec, batch)
         check_finite(losses.detach(), "query loss")
         check_finite(grads, "query gradient")
@@ -282,6 +300,10 @@ class InfluenceModule(pl.LightningModule):
             # the query gradients were finite: a non-finite training example is the usual cause; name it
             self._check_training_finite(theta, spec)
             raise
+        except RuntimeError as err:
+            if randomness_error(err) is not None:
+                raise randomness_error(err) from err  # type: ignore[misc]
+            raise
         except ConfigurationError as err:
             if "`labels`" not in str(
                 err
@@ -308,11 +330,7 @@ class InfluenceModule(pl.LightningModule):
     def score(self, s_test: Tensor, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """Influence ``[Q, n]`` of the training examples ``train_indices`` (all N if None) on each s_test row."""
         n = len(self.train_dataset)  # type: ignore[arg-type]
-        ids = torch.arange(n) if train_indices is None else torch.as_tensor(train_indices, dtype=torch.long)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-            raise ConfigurationError(
-                f"Expected `train_indices` to lie in [0, {n}), but got values from {int(ids.min())} to {int(ids.max())}."
-            )
+        ids = torch.arange(n) if train_indices is None else check_train_indices(train_indices, n)
         start = time.perf_counter()
         theta, spec = self._theta()
         s_test = s_test.to(device=theta.device, dtype=theta.dtype)
@@ -328,7 +346,20 @@ class InfluenceModule(pl.LightningModule):
             for at in range(0, ids.numel(), self.score_batch_size):
                 chunk = ids[at : at + self.score_batch_size].tolist()
                 batch = self._prepare(fetch(self.train_dataset, chunk, self._user_collate))
-                out[:, at : at + len(chunk)] = score_batch(self.loss, theta, spec, batch, s_test, method).T
+                try:
+                    out[:, at : at + len(chunk)] = score_batch(
+                        self.loss, theta, spec, batch, s_test, method
+                    ).T
+                except (RuntimeError, IndexError) as err:
+                    # name the examples (bad labels, inputs of the wrong shape) or the model (random forward)
+                    if randomness_error(err) is not None:
+                        raise randomness_error(err) from err  # type: ignore[misc]
+                    clear = model_call_error(
+                        self, err, batch, f"the `{self.dataset_argument}` examples", chunk
+                    )
+                    if clear is None:
+                        raise
+                    raise clear from err
         check_finite(out.T, "influence score (a training example's loss or gradient)", ids)
         self._timed("scoring", start)
         return out
@@ -502,10 +533,16 @@ class InfluenceModule(pl.LightningModule):
         """:meth:`predict_step` without a Trainer: results for every example of ``batch``."""
         batch = self._prepare(batch)
         n = _batch_size(batch)
-        query_ids = list(range(n)) if query_ids is None else list(query_ids)
+        query_ids = list(range(n)) if query_ids is None else check_query_ids(query_ids, n)
         theta, spec = self._theta()
         with eval_mode(self.model), torch.no_grad():
-            losses = self.loss(spec.unflatten(theta), batch).detach()
+            try:
+                losses = self.loss(spec.unflatten(theta), batch).detach()
+            except RuntimeError as err:  # the query inputs do not fit the model (wrong width...)
+                clear = model_call_error(self, err, batch, "the query `batch`")
+                if clear is None:
+                    raise
+                raise clear from err
             outputs = self.loss.outputs(batch) if self.loss.source != "per_example_loss" else None
         labels = labels_of(batch)
         preds = predictions(outputs, self.loss, n, labels)

@@ -79,13 +79,55 @@ def format_label(label: Any, class_names: ClassNames | None = None) -> str:
     return str(label)
 
 
-def check_class_names(class_names: Any) -> ClassNames | None:
+def check_class_names(
+    class_names: Any, results: Sequence[InfluenceResult] | None = None
+) -> ClassNames | None:
+    """``class_names`` as given, after checking its type and, with ``results``, that a list names every class
+    the results' labels and predictions use (a short list would leave some classes unnamed, silently)."""
     if class_names is None or isinstance(class_names, Mapping):
         return class_names
-    if isinstance(class_names, Sequence) and not isinstance(class_names, str):
-        return class_names
+    if not isinstance(class_names, Sequence) or isinstance(class_names, str):
+        raise ConfigurationError(
+            expected("class_names", "a list of names or a mapping class -> name", class_names)
+        )
+    if results:
+        used = [c for r in results for c in _classes(r)]
+        if used and max(used) >= len(class_names):
+            raise ConfigurationError(
+                f"Expected `class_names` to name every class the results use (classes 0 to {max(used)}: "
+                f"{max(used) + 1} names), but got {len(class_names)} name(s): {list(class_names)[:10]}."
+            )
+    return class_names
+
+
+def _classes(result: InfluenceResult) -> list[int]:
+    """The class ids in a result: its label, prediction and the listed examples' labels (ints only)."""
+    values = [result.label, result.prediction, *(result.helpful_labels or []), *(result.harmful_labels or [])]
+    return [
+        int(v) for v in map(_scalar, values) if isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    ]
+
+
+def check_title(title: Any) -> str:
+    """``title``: a string (a page title)."""
+    if not isinstance(title, str):
+        raise ConfigurationError(expected("title", "a str", title))
+    return title
+
+
+def check_decoder(decoder: Any) -> Any:
+    """``decoder``: None, a callable (``tokenizer.decode``), a list of tokens indexed by id or a mapping id ->
+    token."""
+    if decoder is None or callable(decoder) or isinstance(decoder, Mapping):
+        return decoder
+    if isinstance(decoder, Sequence) and not isinstance(decoder, (str, bytes)):
+        return decoder
     raise ConfigurationError(
-        expected("class_names", "a list of names or a mapping class -> name", class_names)
+        expected(
+            "decoder",
+            "None, a callable token ids -> text (e.g. tokenizer.decode), a list of tokens or a mapping id -> token",
+            decoder,
+        )
     )
 
 
@@ -161,7 +203,7 @@ class ExampleCache:
 def render_kwargs(
     image_shape: Sequence[int] | None, decoder: Decoder | None, renderer: Renderer | None
 ) -> dict[str, Any]:
-    return {"image_shape": image_shape, "decoder": decoder, "renderer": renderer}
+    return {"image_shape": image_shape, "decoder": check_decoder(decoder), "renderer": renderer}
 
 
 def _is_label(value: Any) -> bool:

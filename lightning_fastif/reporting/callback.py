@@ -11,7 +11,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Subset
 
-from lightning_fastif.errors import ConfigurationError
+from lightning_fastif._runtime import check_bool
+from lightning_fastif.errors import ConfigurationError, check_keywords
+from lightning_fastif.reporting._items import check_class_names, check_decoder, check_title
 from lightning_fastif.results import InfluenceResult
 
 __all__ = ["InfluenceReport"]
@@ -44,6 +46,7 @@ class InfluenceReport(pl.Callback):
         wandb: log the W&B table when a ``WandbLogger`` is attached.
     """
 
+    @check_keywords
     def __init__(
         self,
         output_dir: str | os.PathLike[str],
@@ -56,11 +59,14 @@ class InfluenceReport(pl.Callback):
     ) -> None:
         if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
             raise ConfigurationError(f"Expected `output_dir` to be a folder path, but got {output_dir!r}.")
+        check_bool("html", html)
+        check_bool("wandb", wandb)
+        check_class_names(class_names)
         self.output_dir = Path(output_dir)
-        self.title = title
+        self.title = check_title(title)
         self.image_shape = list(image_shape) if image_shape is not None else None
         self.class_names = list(class_names) if class_names is not None else None
-        self.decoder = decoder
+        self.decoder = check_decoder(decoder)
         self.html, self.wandb = html, wandb
         self.results: list[InfluenceResult] = []
         self.html_path: Path | None = None

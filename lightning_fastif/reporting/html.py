@@ -21,6 +21,7 @@ from lightning_fastif.reporting._items import (
     ExampleCache,
     ExampleView,
     check_class_names,
+    check_title,
     coerce_results,
     format_label,
     render_kwargs,
@@ -133,7 +134,8 @@ def render_html_report(
 ) -> str:
     """The HTML text of :func:`write_html_report`, without writing it (same arguments, minus ``path``)."""
     records = coerce_results(results)
-    class_names = check_class_names(class_names)
+    class_names = check_class_names(class_names, records)
+    title = check_title(title)
     kwargs = render_kwargs(image_shape, decoder, renderer)
     train = ExampleCache(train_lookup, "train_lookup", **kwargs)
     queries = ExampleCache(query_lookup, "query_lookup", **kwargs)

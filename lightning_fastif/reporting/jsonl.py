@@ -14,7 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from lightning_fastif.errors import ConfigurationError, expected
+from lightning_fastif._files import FULL_DISK_ERRNOS, full_disk_error
+from lightning_fastif.errors import ConfigurationError, ResultsWriteError, expected
 from lightning_fastif.results import InfluenceResult
 
 
@@ -56,11 +57,37 @@ class JsonlWriter:
         if not lines:
             return 0
         handle = self._open()
-        handle.write(b"".join(lines))
-        handle.flush()
-        if self.fsync:
-            os.fsync(handle.fileno())
+        start = handle.tell()
+        try:
+            handle.write(b"".join(lines))
+            handle.flush()
+            if self.fsync:
+                os.fsync(handle.fileno())
+        except OSError as err:  # ENOSPC, EFBIG (a file-size limit), EDQUOT: keep what was written before
+            if err.errno not in FULL_DISK_ERRNOS:
+                raise
+            raise self._write_failed(err, start) from err
         return len(lines)
+
+    def _write_failed(self, err: OSError, start: int) -> ResultsWriteError:
+        """Cut the file back to the records written before the failed batch and say so in one line."""
+        handle, self._handle = self._handle, None
+        try:
+            if handle is not None:
+                handle.close()  # flushes the buffer again: may fail (or write part of it) once more
+        except OSError:
+            pass
+        try:
+            os.truncate(self.path, start)  # never a partial record; shrinking needs no space
+            kept = self.path.read_bytes().count(b"\n")
+        except OSError:
+            kept = None
+        kept_text = (
+            f"the {kept} record(s) written before are kept (a rerun resumes after them)"
+            if kept is not None
+            else "the records written before are kept"
+        )
+        return full_disk_error(err, self.path, kept_text)
 
     def close(self) -> None:
         """Close the file; later writes raise."""

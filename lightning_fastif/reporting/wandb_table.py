@@ -138,7 +138,7 @@ def build_rows(
         Other arguments: as in :func:`log_to_wandb`.
     """
     records = coerce_results(results)
-    class_names = check_class_names(class_names)
+    class_names = check_class_names(class_names, records)
     kwargs = render_kwargs(image_shape, decoder, renderer)
     train = ExampleCache(train_lookup, "train_lookup", **kwargs)
     queries = ExampleCache(query_lookup, "query_lookup", **kwargs)

@@ -152,8 +152,20 @@ def read_meta(dirpath: str | Path) -> dict[str, Any] | None:
     path = Path(dirpath) / META_FILE
     if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexCorruptError(
+            f"Expected {str(path)!r} to be the JSON of a factors folder, but it is not valid JSON ({err}). Pass "
+            "`overwrite=True` to refit the factors there, or point `factors_dir` at another folder."
+        ) from err
+    if not isinstance(meta, dict):
+        raise IndexCorruptError(
+            f"Expected {str(path)!r} to hold a JSON object (the factors' settings), but got {type(meta).__name__}. "
+            "Pass `overwrite=True` to refit the factors there, or point `factors_dir` at another folder."
+        )
+    return meta
 
 
 def mismatches(meta: dict[str, Any], expected: dict[str, Any]) -> list[str]:

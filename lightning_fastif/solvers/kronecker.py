@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_fastif._runtime import check_bool
 from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.kfac.capture import FISHER_KINDS, fisher_mode
@@ -93,7 +94,8 @@ class _KroneckerSolver(Solver):
             check_factors_dir(self.factors_dir)
         self.batch_size = batch_size
         self.seed = int(seed)
-        self.overwrite = bool(overwrite)
+        check_bool("overwrite", overwrite)
+        self.overwrite = overwrite
         self.residual = residual
         self.residual_batch_size = int(residual_batch_size)
         self.factors: KFACFactors | None = None

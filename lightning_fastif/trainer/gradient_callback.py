@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import Dataset
 
-from lightning_fastif.errors import ConfigurationError
+from lightning_fastif._runtime import check_bool
+from lightning_fastif.errors import ConfigurationError, check_keywords
 from lightning_fastif.functional.batch import fetch
 from lightning_fastif.functional.losses import resolve_loss
 from lightning_fastif.retrieval.gradients.folder import build_gradient_index, save_gradient_index
@@ -48,6 +49,7 @@ class GradientIndexCallback(FeatureIndexCallback):
         >>> trainer.fit(model, datamodule=dm)
     """
 
+    @check_keywords
     def __init__(
         self,
         dirpath: str | os.PathLike[str],
@@ -86,6 +88,7 @@ class GradientIndexCallback(FeatureIndexCallback):
             raise ConfigurationError(f"Expected `sketch` to be one of {METHODS}, but got {sketch!r}.")
         if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
             raise ConfigurationError(f"Expected `sketch_dim` to be a positive int, but got {sketch_dim!r}.")
+        check_bool("float16", float16)
         self.params, self.loss_fn = params, loss_fn
         self.sketch, self.sketch_dim, self.seed, self.kind, self.float16 = (
             sketch,

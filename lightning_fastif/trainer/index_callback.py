@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import Dataset
 
-from lightning_fastif.errors import ConfigurationError
+from lightning_fastif._runtime import check_bool
+from lightning_fastif.errors import ConfigurationError, check_keywords
 from lightning_fastif.retrieval.build import build_index, extract_shard
 from lightning_fastif.retrieval.store import save_index
 
@@ -53,6 +54,7 @@ class FeatureIndexCallback(pl.Callback):
         >>> trainer.fit(model, datamodule=dm)          # writes outputs/index/{index.faiss, ids.npy, meta.json}
     """
 
+    @check_keywords
     def __init__(
         self,
         dirpath: str | os.PathLike[str],
@@ -80,6 +82,7 @@ class FeatureIndexCallback(pl.Callback):
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigurationError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
+        check_bool("progress", progress)
         self.dirpath = Path(dirpath)
         self.train_dataset = train_dataset
         self.feature_layer = feature_layer

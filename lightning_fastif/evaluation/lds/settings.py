@@ -42,6 +42,8 @@ class LDSSettings:
     confidence: float = 0.95
 
     def __post_init__(self) -> None:
+        if not isinstance(self.warm_start, bool):
+            raise ConfigurationError(expected("lds.warm_start", "a bool (True or False)", self.warm_start))
         for name in ("subsets", "max_epochs", "num_queries", "seed"):
             value = getattr(self, name)
             low = 0 if name in ("subsets", "seed") else 1

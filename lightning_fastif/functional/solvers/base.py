@@ -14,9 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from lightning_fastif.errors import ConfigurationError, SolverConvergenceError, SolverConvergenceWarning
+from lightning_fastif.errors import (
+    ConfigurationError,
+    SolverConvergenceError,
+    SolverConvergenceWarning,
+    check_keywords,
+)
 from lightning_fastif.functional.curvature import TrainingCurvature
 
 MatVec = Callable[[Tensor], Tensor]
@@ -123,6 +129,11 @@ class Solver(abc.ABC):
     name = "solver"
     supports_auto_damping = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # an unknown keyword (`dampnig=`) says which argument was meant
+            cls.__init__ = check_keywords(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
     def __init__(
         self, damping: float | str = 0.0, *, strict: bool = False, curvature: str | None = None
     ) -> None:
@@ -182,3 +193,32 @@ class Solver(abc.ABC):
         if self.strict:
             raise SolverConvergenceError(msg)
         warnings.warn(msg, SolverConvergenceWarning, stacklevel=3)
+
+
+Solver.__init__ = check_keywords(Solver.__init__)  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------------------------- factorisation errors
+def check_factorisable(matrix: Tensor, solver: str) -> None:
+    """A dense factorisation needs float32 or float64: name the model's dtype instead of torch's "cholesky_cpu not
+    implemented for 'BFloat16'"."""
+    if matrix.dtype in (torch.float16, torch.bfloat16):
+        raise ConfigurationError(
+            f"Expected the selected parameters to be float32 or float64 for {solver}'s dense factorisation, but got "
+            f"{matrix.dtype} (a half-precision model). Cast the model for influence (`model.float()`), or use "
+            "CGSolver/LiSSASolver, which need no factorisation."
+        )
+
+
+def lu_factor_or_explain(matrix: Tensor, damping: float, curvature: str) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.lu_factor(matrix)``, or a :class:`ConfigurationError` naming `damping` when the damped
+    curvature is singular (``damping=0`` on a curvature with a zero eigenvalue: dead units, unused inputs...)."""
+    lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+    if int(info) != 0:
+        raise ConfigurationError(
+            f"Expected the damped curvature ({curvature} + `damping` I) to be invertible, but with `damping` = "
+            f"{damping:g} it is singular (pivot {int(info)} of {matrix.shape[0]} is zero: a parameter the loss does "
+            "not depend on, e.g. a dead unit). Pass `damping` > 0 (e.g. 1e-3 or 'auto' with AutoSolver), or "
+            "select other `params`."
+        )
+    return lu, pivots

@@ -19,7 +19,14 @@ from lightning_fastif.functional.solvers.algorithms import (
     lanczos_extremes,
     relative_residual,
 )
-from lightning_fastif.functional.solvers.base import EXACT_TOL, Solver, SolverDiagnostics, _check_number
+from lightning_fastif.functional.solvers.base import (
+    EXACT_TOL,
+    Solver,
+    SolverDiagnostics,
+    _check_number,
+    check_factorisable,
+    lu_factor_or_explain,
+)
 
 
 class ExactSolver(Solver):
@@ -119,6 +126,7 @@ class ExactSolver(Solver):
             lam = float(self.damping)
         diag_h = h.diagonal()
         diag_h += lam
+        check_factorisable(h, type(self).__name__)
         factor, chol_info = torch.linalg.cholesky_ex(h)
         tries = 0
         while (
@@ -138,7 +146,7 @@ class ExactSolver(Solver):
             kind = "cholesky"
         else:
             del factor
-            lu, pivots = torch.linalg.lu_factor(h)
+            lu, pivots = lu_factor_or_explain(h, lam, curv.kind)
             parts, kind = (lu, pivots, h), "lu"
         info["auto_damping_doublings"] = tries
         self._cache = (key, kind, parts, lam, info)

@@ -36,6 +36,10 @@ def check_sketch_settings(sketch: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ConfigurationError(
             f"Expected the keys of `sketch` to be among {SKETCH_KEYS}, but got {unknown}."
         )
+    if "float16" in sketch and not isinstance(sketch["float16"], bool):
+        raise ConfigurationError(
+            f"Expected `sketch['float16']` to be a bool (True or False), but got {sketch['float16']!r}."
+        )
     return dict(sketch)
 
 
