@@ -182,3 +182,59 @@ def test_results_carry_the_top_tokens_of_listed_examples_and_jsonl_keeps_them(lm
     back = InfluenceResult.from_dict(json.loads(line))
     assert back.top_tokens == {k: [list(e) for e in v] for k, v in results[0].top_tokens.items()}
     assert _module(model, train, top_k=3).explain(query)[0].top_tokens is None
+
+
+def _predict(model, train, query, tmp_path, decoder):
+    import lightning.pytorch as pl
+    from _models import DictDataset
+
+    im = _module(model, train, top_k=2, top_tokens=3)
+    report = lf.InfluenceReport(tmp_path, decoder=decoder, wandb=False)
+    trainer = pl.Trainer(
+        inference_mode=False,
+        callbacks=[lf.InfluenceWriter(tmp_path), report],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torch.utils.data.DataLoader(DictDataset(**query), batch_size=2)
+    trainer.predict(im, dataloaders=loader)
+    return report
+
+
+def test_report_shows_the_training_text_as_a_token_heatmap_and_jsonl_keeps_top_tokens(lm, tmp_path):
+    from lightning_fastif.reporting.jsonl import read_jsonl
+    from lightning_fastif.reporting.wandb_table import WANDB_COLUMNS, build_rows
+
+    model, train, query = lm
+    vocab = [f"w{i}" for i in range(24)]
+    report = _predict(model, train, query, tmp_path, vocab)
+    results = read_jsonl(tmp_path / "influence.jsonl")
+    assert len(results) == 2 and all(r.top_tokens for r in results)
+    text = (tmp_path / "report.html").read_text()
+    r = results[0]
+    first = r.helpful_ids[0]
+    pos, token, score = r.top_tokens[str(first)][0]
+    span = f'title="position {pos}, score {score:+.4g}">w{token}</span>'
+    assert span in text and "rgba(45,164,78," in text  # a helpful token is green
+    # the unmarked tokens of the example's text are there too (the whole unmasked sequence, in order)
+    length = int(train[first]["attention_mask"].sum())
+    assert text.count('<div class="tokens">') == sum(len(x.helpful_ids) + len(x.harmful_ids) for x in results)
+    assert length >= len(r.top_tokens[str(first)])
+    rows = [dict(zip(WANDB_COLUMNS, row)) for row in build_rows(results, train, decoder=vocab)]
+    cell = next(c["top_tokens"] for c in rows if c["query_id"] == r.query_id and c["train_id"] == first)
+    assert cell.startswith(f'"w{token}"@{pos} ')
+    assert report.html_path is not None
+
+
+def test_token_heatmap_without_a_decoder_renders_ids():
+    from lightning_fastif.reporting.tokens import TokenHeatmaps, top_tokens_text
+
+    item = {"input_ids": torch.tensor([5, 6, 7, 0]), "attention_mask": torch.tensor([1, 1, 1, 0])}
+    heat = TokenHeatmaps(lambda i: item, None)
+    out = heat.html(0, [(2, 7, 0.5), (1, 6, 0.1)])
+    assert '">[7]</span>' in out and '">[6]</span>' in out and "[5]" in out
+    assert "[0]" not in out  # padding is not shown
+    assert "rgba(207,34,46,0.90)" in out  # the strongest harmful token, full colour
+    assert top_tokens_text([(2, 7, 0.5)], None) == '"[7]"@2 +0.5'
+    assert top_tokens_text([(2, 7, 0.5)], lambda ids: "".join(chr(97 + i) for i in ids)) == '"h"@2 +0.5'
