@@ -38,6 +38,7 @@ from lightning_fastif.influence.tokens import (
     require_token_losses,
 )
 from lightning_fastif.results import InfluenceResult
+from lightning_fastif.retrieval.features import check_pooling
 
 __all__ = ["InfluenceModule"]
 
@@ -83,6 +84,9 @@ class InfluenceModule(pl.LightningModule):
         top_tokens: per-token influence in the results: the k tokens of each listed helpful/harmful training sequence
             that contribute most (``InfluenceResult.top_tokens``); 0 (default) = off. Needs a loss exposing
             ``token_losses(outputs, batch) -> [B, T]`` (see :meth:`influence` with ``per_token=True``).
+        feature_pooling: how the kNN step turns a sequence feature ``[B, T, d]`` into one row: ``"mean"`` over
+            unmasked positions, ``"last"`` unmasked position (a causal LM) or ``"flatten"``. Default: the index
+            folder's (``FeatureIndexCallback(feature_pooling=...)``), ``"mean"`` for an index built in memory.
 
     Example:
         >>> import lightning_fastif as lf
@@ -114,6 +118,7 @@ class InfluenceModule(pl.LightningModule):
         sketch: dict[str, Any] | None = None,
         curvature: str | None = None,
         top_tokens: int = 0,
+        feature_pooling: str | None = None,
     ) -> None:
         super().__init__()
         solver, self.sketch = check_arguments(
@@ -135,6 +140,8 @@ class InfluenceModule(pl.LightningModule):
         self.loss = resolve_loss(model, loss_fn, forward_fn)
         self.forward_fn = self.loss.forward_fn
         self.top_tokens = check_top_tokens(top_tokens, self.loss)
+        self.feature_pooling = None if feature_pooling is None else check_pooling(feature_pooling)
+        self._feature_pooling = self.feature_pooling or "mean"  # set from the index when it is resolved
         self.param_patterns = list(params) if params is not None else None
         select_params(model, self.param_patterns)  # fail now on a pattern that matches nothing
         self.solver = solver
@@ -348,7 +355,13 @@ class InfluenceModule(pl.LightningModule):
         from lightning_fastif.retrieval.features import extract_features
 
         self.candidate_index()
-        return extract_features(self.model, [batch], self._feature_layer_name, forward_fn=self.forward_fn)
+        return extract_features(
+            self.model,
+            [batch],
+            self._feature_layer_name,
+            forward_fn=self.forward_fn,
+            pooling=self._feature_pooling,  # as the index's features were pooled
+        )
 
     def search(self, batch: Any, s_test: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(distances [B, k], training ids [B, k])`` of the ``num_candidates`` nearest training examples.
