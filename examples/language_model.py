@@ -197,9 +197,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="outputs/language_model")
     p.add_argument("--prompt", default="beautiful is better than")
     p.add_argument("--completion-tokens", type=int, default=6)
-    p.add_argument("--max-passages", type=int, default=300, help="training passages kept (the first ones)")
+    p.add_argument("--max-passages", type=int, default=200, help="training passages kept (the first ones)")
     p.add_argument("--passage-length", type=int, default=16, help="tokens per passage at most")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n-embd", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
@@ -227,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     vocab = {w: i for i, w in enumerate(vocab_list)}
     train = Passages(rows, vocab, args.passage_length)
     n_positions = args.passage_length + len(tokenize(args.prompt)) + args.completion_tokens
-    model = TinyGPT(len(vocab_list), n_positions, args.n_embd, args.layers)
+    model = TinyGPT(len(vocab_list), n_positions, args.n_embd, args.layers, lr=args.lr)
     print(
         f"{len(train)} passages, vocabulary of {len(vocab_list)} words, {sum(p.numel() for p in model.parameters()):,} parameters"
     )

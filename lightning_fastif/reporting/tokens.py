@@ -9,6 +9,7 @@ harmful one; the stronger the colour, the larger ``|score|`` relative to the seq
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,8 @@ def top_tokens_text(entries: Sequence[Sequence[Any]] | None, decoder: Decoder | 
     if not entries:
         return ""
     return "; ".join(
-        f"{decode_token(int(t), decoder)!r}@{int(p)} {float(s):+.3g}".replace("'", '"') for p, t, s in entries
+        f"{json.dumps(decode_token(int(t), decoder), ensure_ascii=False)}@{int(p)} {float(s):+.3g}"
+        for p, t, s in entries
     )
 
 
