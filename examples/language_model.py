@@ -196,7 +196,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output-dir", default="outputs/language_model")
     p.add_argument("--prompt", default="beautiful is better than")
-    p.add_argument("--completion-tokens", type=int, default=6)
+    p.add_argument("--completion-tokens", type=int, default=2)
     p.add_argument("--max-passages", type=int, default=200, help="training passages kept (the first ones)")
     p.add_argument("--passage-length", type=int, default=16, help="tokens per passage at most")
     p.add_argument("--epochs", type=int, default=40)
@@ -227,7 +227,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     vocab_list = [PAD, UNK, *words]
     vocab = {w: i for i, w in enumerate(vocab_list)}
     train = Passages(rows, vocab, args.passage_length)
-    n_positions = args.passage_length + len(tokenize(args.prompt)) + args.completion_tokens
+    n_positions = args.passage_length + 16  # the prompt and its completion must fit (checked below)
+    if len(tokenize(args.prompt)) + args.completion_tokens > n_positions:
+        raise SystemExit(
+            f"Expected the prompt and --completion-tokens to hold at most {n_positions} tokens together, but got "
+            f"{len(tokenize(args.prompt))} + {args.completion_tokens}."
+        )
     model = TinyGPT(len(vocab_list), n_positions, args.n_embd, args.layers, lr=args.lr)
     print(
         f"{len(train)} passages, vocabulary of {len(vocab_list)} words, {sum(p.numel() for p in model.parameters()):,} parameters"
