@@ -36,6 +36,9 @@ class InfluenceResult:
         helpful_labels / harmful_labels: the labels of the listed training examples (filled by ``InfluenceWriter``
             from the training set; ``None`` when not looked up or the examples carry none).
         query_split: the dataset the query comes from (``"test"``...), when known (the CLI's ``queries.split``).
+        top_tokens: per-token influence of the listed examples (``InfluenceModule(top_tokens=k)``): training id (as a
+            string) -> up to k ``(position, token id, score)``, the most negative tokens of a helpful example and the
+            most positive of a harmful one; ``None`` when not asked for.
     """
 
     query_id: int
@@ -56,6 +59,7 @@ class InfluenceResult:
     helpful_labels: list[Any] | None = None
     harmful_labels: list[Any] | None = None
     query_split: str | None = None
+    top_tokens: dict[str, list[tuple[int, int, float]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only (ints, floats, strings, lists, dicts, None); non-finite floats become None."""

@@ -117,10 +117,13 @@ def test_sequence_cross_entropy_token_losses_add_up_and_ignore_padding() -> None
         for reduction in ("mean", "sum"):
             loss = SequenceCrossEntropy(reduction=reduction, shift=shift)
             tok = loss.token_losses(logits, batch)
-            assert tok.shape == (3, 5 if shift else 6)
+            assert tok.shape == (3, 6)  # column t: predicting token t (position 0 of a shifted LM is 0)
             assert torch.equal(loss(logits, batch), tok.sum(-1))
             lab = labels.masked_fill(mask == 0, -100)
             lg, lb = (logits[:, :-1], lab[:, 1:]) if shift else (logits, lab)
+            if shift:
+                assert torch.all(tok[:, 0] == 0)
+                tok = tok[:, 1:]
             for b in range(3):
                 keep = lb[b] != -100
                 ce = F.cross_entropy(lg[b][keep], lb[b][keep], reduction="none")

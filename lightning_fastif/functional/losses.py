@@ -415,6 +415,8 @@ class PerExampleLoss:
         A default-resolved classification loss becomes a sequence loss when it first sees logits ``[B, T, V]`` with
         labels ``[B, T]``.
         """
+        if self.loss_fn is not None:  # the user's loss decides, as it is now
+            return self.loss_fn if callable(getattr(self.loss_fn, "token_losses", None)) else None
         return self.sequence
 
     def loss_of_outputs(self, outputs: Any, batch: Any) -> Tensor:

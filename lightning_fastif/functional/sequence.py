@@ -6,8 +6,9 @@ The protocol (issue 19): a sequence loss is a callable ``loss(outputs, batch) ->
     ``loss(outputs, batch) == loss.token_losses(outputs, batch).sum(-1)``
 
 exactly: the reduction's weights (``1 / n_tokens`` for ``"mean"``) are folded into the token losses, and ignored
-positions (label ``-100``, or ``attention_mask == 0``) are zeros. For a shifted causal LM, ``T`` is the number of
-predicted positions (the sequence length minus one). Per-token influence reads ``token_losses``.
+positions (label ``-100``, or ``attention_mask == 0``) are zeros. Column ``t`` is always the loss of predicting token
+``t`` of the batch (for a shifted causal LM, column 0, which nothing predicts, is zero), so per-token influence, which
+reads ``token_losses``, credits each token of ``input_ids`` where it stands.
 
 Which models get which loss (:func:`sequence_loss_for`): a Hugging Face ``*ForCausalLM`` / ``*LMHeadModel`` (labels
 are the input ids, the model shifts inside) gets ``shift=True``; any other ``[B, T, V]`` logits with ``[B, T]``
@@ -137,15 +138,19 @@ class SequenceCrossEntropy:
         return logits, torch.where(counted, labels, torch.zeros_like(labels)), counted
 
     def token_losses(self, outputs: Any, batch: Any) -> Tensor:
-        """Each position's share of the sequence loss ``[B, T]`` (``T`` = predicted positions): the token's
-        cross-entropy times its weight (``1 / n_tokens`` for ``"mean"``, 1 for ``"sum"``), 0 where not counted."""
+        """Each token's share of the sequence loss ``[B, T]`` (``T`` = the batch's sequence length; column ``t`` is the
+        loss of predicting token ``t``): its cross-entropy times its weight (``1 / n_tokens`` for ``"mean"``, 1 for
+        ``"sum"``), 0 where not counted (and at position 0 of a shifted causal LM, which nothing predicts)."""
         logits, labels, counted = self._aligned(outputs, batch)
         b, t, v = logits.shape
         ce = F.cross_entropy(logits.reshape(b * t, v), labels.reshape(b * t), reduction="none").reshape(b, t)
         weight = counted.to(ce.dtype)
         if self.reduction == "mean":
             weight = weight / counted.sum(dim=1, keepdim=True).clamp(min=1).to(ce.dtype)
-        return ce * weight
+        shares = ce * weight
+        if self.shift:  # column t = predicting token t, aligned with input_ids
+            shares = F.pad(shares, (1, 0))
+        return shares
 
     def __call__(self, outputs: Any, batch: Any) -> Tensor:
         """Per-sequence losses ``[B]``: ``token_losses(outputs, batch).sum(-1)``."""

@@ -48,6 +48,7 @@ def resolve_candidate_index(module: Any) -> Any:
             expected["feature_layer"] = module.feature_layer
         index, meta = load_index(module.index, expected=expected)
         module._feature_layer_name = meta.feature_layer
+        _use_pooling(module, meta.extra.get("feature_pooling", "flatten"), str(module.index))
         if {"features", "logits"} <= set(meta.arrays):
             from lightning_fastif.retrieval.store import load_arrays
 
@@ -61,6 +62,7 @@ def resolve_candidate_index(module: Any) -> Any:
                 "the training set changed since indexing; rebuild the index."
             )
         module._feature_layer_name = module.feature_layer
+        module._feature_pooling = module.feature_pooling or "mean"
     elif module.index is None:
         from lightning_fastif.retrieval.build import build_index
 
@@ -74,8 +76,10 @@ def resolve_candidate_index(module: Any) -> Any:
             collate_fn=module.collate_fn,
             batch_size=module.score_batch_size,
             forward_fn=module.forward_fn,
+            feature_pooling=module.feature_pooling or "mean",
         )
         index, module._feature_layer_name = built.index, built.meta["feature_layer"]
+        module._feature_pooling = built.meta["feature_pooling"]
         if built.logits is not None:
             module._cache = {"features": built.features, "logits": built.logits}
     else:
@@ -84,3 +88,14 @@ def resolve_candidate_index(module: Any) -> Any:
         )
     module._candidates = index
     return index
+
+
+def _use_pooling(module: Any, saved: str, where: str) -> None:
+    """Pool query features as the index folder's were (an older folder without the key: ``"flatten"``)."""
+    if module.feature_pooling is not None and module.feature_pooling != saved:
+        raise ConfigurationError(
+            f"Expected `feature_pooling` to match the index at {where!r}, which pooled its features with {saved!r}, "
+            f"but got {module.feature_pooling!r}. Leave `feature_pooling` unset to use the index's, or rebuild the "
+            "index (FeatureIndexCallback(feature_pooling=...))."
+        )
+    module._feature_pooling = saved

@@ -45,8 +45,15 @@ from lightning_fastif.influence.checks import (
 )
 from lightning_fastif.influence.head import head_fast_path, head_fast_scores, train_labels
 from lightning_fastif.influence.predict import assemble_results, batch_query_ids, predictions
+from lightning_fastif.influence.tokens import (
+    attach_top_tokens,
+    check_top_tokens,
+    per_token_influence,
+    require_token_losses,
+)
 from lightning_fastif.influence.trust import curvature_state, trusted
 from lightning_fastif.results import InfluenceResult
+from lightning_fastif.retrieval.features import check_pooling
 
 __all__ = ["InfluenceModule"]
 
@@ -94,6 +101,12 @@ class InfluenceModule(pl.LightningModule):
             the model's outputs: positive semi-definite for cross-entropy, MSE and other convex losses of the outputs;
             needs a loss that is a function of the outputs, not a ``per_example_loss`` method), or None (default):
             the Hessian for an explicit ``ExactSolver``/``CGSolver``/``LiSSASolver``, the auto solver's choice.
+        top_tokens: per-token influence in the results: the k tokens of each listed helpful/harmful training sequence
+            that contribute most (``InfluenceResult.top_tokens``); 0 (default) = off. Needs a loss exposing
+            ``token_losses(outputs, batch) -> [B, T]`` (see :meth:`influence` with ``per_token=True``).
+        feature_pooling: how the kNN step turns a sequence feature ``[B, T, d]`` into one row: ``"mean"`` over
+            unmasked positions, ``"last"`` unmasked position (a causal LM) or ``"flatten"``. Default: the index
+            folder's (``FeatureIndexCallback(feature_pooling=...)``), ``"mean"`` for an index built in memory.
 
     Example:
         >>> import lightning_fastif as lf
@@ -130,6 +143,8 @@ class InfluenceModule(pl.LightningModule):
         candidates: str = "features",
         sketch: dict[str, Any] | None = None,
         curvature: str | None = None,
+        top_tokens: int = 0,
+        feature_pooling: str | None = None,
     ) -> None:
         super().__init__()
         solver, self.sketch = check_arguments(
@@ -153,6 +168,9 @@ class InfluenceModule(pl.LightningModule):
         self.train_dataset = train_dataset
         self.loss = resolve_loss(model, loss_fn, forward_fn)
         self.forward_fn = self.loss.forward_fn
+        self.top_tokens = check_top_tokens(top_tokens, self.loss)
+        self.feature_pooling = None if feature_pooling is None else check_pooling(feature_pooling)
+        self._feature_pooling = self.feature_pooling or "mean"  # set from the index when it is resolved
         self.param_patterns = list(params) if params is not None else None
         select_params(model, self.param_patterns)  # fail now on a pattern that matches nothing
         self.solver = solver
@@ -379,11 +397,21 @@ class InfluenceModule(pl.LightningModule):
         return head_fast_scores(self, head, spec, s_test, ids)
 
     @trusted
-    def influence(self, batch: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
+    def influence(
+        self, batch: Any, train_indices: Sequence[int] | Tensor | None = None, per_token: bool = False
+    ) -> Tensor:
         """``I(z_i, z_test) = -grad L(z_i) . s_test(z_test)`` for the given training ids (all N if None): ``[B, n]``.
 
         Positive = harmful (up-weighting the training example raises the test loss), negative = helpful.
+        With ``per_token=True``: ``[B, n, T]``, the contribution ``-grad L_t(z_i) . s_test`` of each token t of each
+        training sequence, adding up over T to the sequence's score (needs a loss exposing ``token_losses``; see
+        :mod:`lightning_fastif.functional.tokens`); sequences shorter than T are padded with 0.
         """
+        if not isinstance(per_token, bool):
+            raise ConfigurationError(f"Expected `per_token` to be a bool, but got {per_token!r}.")
+        if per_token:
+            require_token_losses(self)  # before the solve: a loss without token losses fails at once
+            return per_token_influence(self, self.s_test(batch), train_indices)  # type: ignore[return-value]
         return self.score(self.s_test(batch), train_indices)
 
     # ---------------------------------------------------------------------------------------- candidates
@@ -400,7 +428,13 @@ class InfluenceModule(pl.LightningModule):
         from lightning_fastif.retrieval.features import extract_features
 
         self.candidate_index()
-        return extract_features(self.model, [batch], self._feature_layer_name, forward_fn=self.forward_fn)
+        return extract_features(
+            self.model,
+            [batch],
+            self._feature_layer_name,
+            forward_fn=self.forward_fn,
+            pooling=self._feature_pooling,  # as the index's features were pooled
+        )
 
     @trusted
     def search(self, batch: Any, s_test: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -553,4 +587,7 @@ class InfluenceModule(pl.LightningModule):
             distances, candidates = self.search(batch, s)
             distances = None if self.candidates == "gradients" else distances  # feature distances only
         ranked = self.rank_candidates(s, candidates)
-        return assemble_results(self, ranked, query_ids, labels, preds, losses, candidates, distances)
+        results = assemble_results(self, ranked, query_ids, labels, preds, losses, candidates, distances)
+        if self.top_tokens:
+            attach_top_tokens(self, results, s, self.top_tokens)
+        return results

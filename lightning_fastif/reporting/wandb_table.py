@@ -24,6 +24,7 @@ from lightning_fastif.reporting._items import (
     render_kwargs,
 )
 from lightning_fastif.reporting.render import Decoder, Renderer
+from lightning_fastif.reporting.tokens import top_tokens_text
 from lightning_fastif.results import InfluenceResult
 
 WANDB_COLUMNS: tuple[str, ...] = (
@@ -38,6 +39,7 @@ WANDB_COLUMNS: tuple[str, ...] = (
     "train_label",
     "score",
     "knn_distance",
+    "top_tokens",
     "query_flags",
 )
 
@@ -166,6 +168,7 @@ def build_rows(
                         _label(example.label, class_names),
                         _float(scores[rank] if rank < len(scores) else None),
                         _float(distances[rank] if rank < len(distances) else None),
+                        top_tokens_text((result.top_tokens or {}).get(str(int(train_id))), decoder),
                         "; ".join(getattr(result, "flags", None) or []),
                     ]
                 )

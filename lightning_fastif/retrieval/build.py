@@ -15,6 +15,7 @@ from lightning_fastif.functional.batch import ForwardFn
 from lightning_fastif.functional.params import dataset_fingerprint, fingerprint
 from lightning_fastif.retrieval.factory import make_index
 from lightning_fastif.retrieval.features import (
+    check_pooling,
     extract_features_and_outputs,
     find_feature_layer,
     ordered_loader,
@@ -43,8 +44,12 @@ def extract_shard(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     progress: bool = False,
     forward_fn: ForwardFn | None = None,
+    pooling: str = "mean",
 ) -> tuple[str, Tensor, Tensor | None]:
     """Features ``[n, d]`` (and logits when the model gives them) of ``dataset`` rows ``ids`` (all if None), in order.
+
+    A sequence input ``[B, T, d]`` of the feature layer is pooled to one row by ``pooling`` (``"mean"`` over the
+    unmasked positions, ``"last"`` unmasked position, or ``"flatten"``; see ``retrieval.features.pool_features``).
 
     Returns:
         ``(feature_layer_name, features, logits or None)``.
@@ -62,14 +67,17 @@ def extract_shard(
     )
     try:
         feats, logits = extract_features_and_outputs(
-            model, loader, name, progress=progress, forward_fn=forward_fn
+            model, loader, name, progress=progress, forward_fn=forward_fn, pooling=pooling
         )
     except ConfigurationError as err:  # a model whose output has no logits: features alone still index
         if "logits" not in str(err):
             raise
         from lightning_fastif.retrieval.features import extract_features
 
-        feats, logits = extract_features(model, loader, name, progress=progress, forward_fn=forward_fn), None
+        feats = extract_features(
+            model, loader, name, progress=progress, forward_fn=forward_fn, pooling=pooling
+        )
+        logits = None
     return name, feats, logits
 
 
@@ -84,6 +92,7 @@ def build_index(
     progress: bool = False,
     features: tuple[str, Tensor, Tensor | None] | None = None,
     forward_fn: ForwardFn | None = None,
+    feature_pooling: str = "mean",
     **index_kwargs: Any,
 ) -> BuiltIndex:
     """Extract the training features (or take ``features`` already extracted) and index them by training id.
@@ -98,9 +107,13 @@ def build_index(
         features: ``(layer name, features [N, d], logits [N, C] or None)`` from :func:`extract_shard`.
         forward_fn: ``callable(model, batch) -> outputs``, how the model is called on a batch (default: ``model(x)``
             for ``(x, y)`` batches, ``model(**inputs)`` for dict batches).
+        feature_pooling: how a sequence feature ``[B, T, d]`` becomes one row: ``"mean"`` over the unmasked
+            positions (default), ``"last"`` unmasked position (a causal LM), or ``"flatten"`` (``T x d`` columns:
+            queries must then have the training length). Recorded in ``meta`` so queries are pooled the same way.
     """
+    feature_pooling = check_pooling(feature_pooling)
     name, feats, logits = features or extract_shard(
-        model, dataset, None, feature_layer, batch_size, collate_fn, progress, forward_fn
+        model, dataset, None, feature_layer, batch_size, collate_fn, progress, forward_fn, feature_pooling
     )
     index = make_index(factory, backend, **index_kwargs)
     index.add(feats, torch.arange(len(feats), dtype=torch.long))
@@ -109,5 +122,6 @@ def build_index(
         "dataset_length": len(dataset),  # type: ignore[arg-type]
         "model_fingerprint": fingerprint(model),
         "dataset_fingerprint": dataset_fingerprint(dataset, read_all=True),
+        "feature_pooling": feature_pooling,
     }
     return BuiltIndex(index, meta, feats, logits)

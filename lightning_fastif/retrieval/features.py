@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterable, Iterator
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +22,18 @@ from lightning_fastif.errors import ConfigurationError
 from lightning_fastif.functional.batch import ForwardFn, batch_size, call_model, logits_of, move_to
 
 __all__ = [
+    "FEATURE_POOLINGS",
+    "check_pooling",
     "extract_features",
     "extract_features_and_outputs",
     "find_feature_layer",
     "ordered_loader",
+    "pool_features",
 ]
+
+FEATURE_POOLINGS = ("mean", "last", "flatten")
+"""How a sequence feature ``[B, T, d]`` becomes one row: the mean over unmasked positions, the last unmasked
+position (a causal LM's summary of the sequence), or the T x d values flattened (fixed-length inputs only)."""
 
 # Prefixes that wrappers put in front of module names (LightningModule attribute, DDP, torch.compile).
 _WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "net.")
@@ -167,6 +174,58 @@ def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None
     return None
 
 
+def check_pooling(pooling: Any, name: str = "feature_pooling") -> str:
+    """``pooling`` checked against :data:`FEATURE_POOLINGS`."""
+    if pooling not in FEATURE_POOLINGS:
+        raise ConfigurationError(
+            f"Expected `{name}` to be one of {list(FEATURE_POOLINGS)} (how a sequence feature [B, T, d] becomes one "
+            f"row), but got {pooling!r}."
+        )
+    return str(pooling)
+
+
+def _attention_mask(batch: Any) -> Tensor | None:
+    if isinstance(batch, dict):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            return mask
+    return None
+
+
+def pool_features(x: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
+    """One feature row per example from a layer input ``x``: ``[B, T, d]`` pooled over T, others unchanged.
+
+    Args:
+        x: the captured input of the feature layer, ``[B, d]`` or ``[B, T, d]``.
+        mask: ``[B, T]`` attention mask (1 = a real token), or None (every position counts); ignored when its T
+            differs from ``x``'s.
+        pooling: ``"mean"`` over unmasked positions, ``"last"`` unmasked position, or ``"flatten"`` (``[B, T*d]``).
+
+    Returns:
+        ``[B, d]`` (``[B, T*d]`` for ``"flatten"``); an input that is not ``[B, T, d]`` is returned as it is.
+
+    Example:
+        >>> x = torch.arange(12.0).reshape(1, 3, 4)
+        >>> pool_features(x, torch.tensor([[1, 1, 0]]), "last").tolist()
+        [[4.0, 5.0, 6.0, 7.0]]
+    """
+    pooling = check_pooling(pooling)
+    if x.dim() != 3 or pooling == "flatten":
+        return x
+    b, t, _ = x.shape
+    keep = torch.ones(b, t, dtype=torch.bool, device=x.device)
+    if mask is not None and tuple(mask.shape) == (b, t):
+        keep = mask.to(x.device) != 0
+        keep = torch.where(
+            keep.any(1, keepdim=True), keep, torch.ones_like(keep)
+        )  # an empty row: every position
+    if pooling == "mean":
+        w = keep.to(x.dtype)
+        return (x * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+    last = (torch.arange(t, device=x.device)[None, :] * keep).argmax(1)  # the last unmasked position
+    return x[torch.arange(b, device=x.device), last]
+
+
 def _as_rows(t: Tensor, n: int) -> Tensor:
     """``[n, ...]`` -> ``[n, m]`` float32 on the CPU, sharing no memory with ``t``."""
     t = t.detach()
@@ -182,7 +241,9 @@ def _extract(
     progress: bool,
     with_outputs: bool,
     forward_fn: ForwardFn | None = None,
+    pooling: str = "mean",
 ) -> tuple[Tensor, Tensor | None]:
+    pooling = check_pooling(pooling)
     device = _model_device(model) if device is None else torch.device(device)
     batches = iter(dataloader)
     try:
@@ -221,22 +282,26 @@ def _extract(
                     )
                 x = captured[-1]  # a layer called several times: its last call is the feature
                 n = _batch_rows(batch, x)
+                x = pool_features(
+                    x, _attention_mask(batch), pooling
+                )  # a sequence [B, T, d]: one row per example
                 rows = _as_rows(x, n)
                 if feats and rows.shape[1] != feats[0].shape[1]:
                     raise ConfigurationError(
                         f"Expected the input of feature layer {name!r} to have the same size for every example, "
                         f"but got {feats[0].shape[1]} then {rows.shape[1]} values (variable-length inputs: "
-                        "choose a layer after pooling)."
+                        "use `feature_pooling='mean'` or 'last', or choose a layer after pooling)."
                     )
                 feats.append(rows)
                 if with_outputs:
-                    outs.append(_logit_rows(outputs, n))
+                    outs.append(_logit_rows(outputs, n, pooling))
                 captured.clear()
     finally:
         handle.remove()
         captured.clear()
     features = torch.cat(feats)
-    return features, (torch.cat(outs) if with_outputs else None)
+    keep_outputs = with_outputs and all(o is not None for o in outs)
+    return features, (torch.cat(outs) if keep_outputs else None)  # type: ignore[arg-type]
 
 
 def _batch_rows(batch: Any, x: Tensor) -> int:
@@ -253,7 +318,10 @@ def _batch_rows(batch: Any, x: Tensor) -> int:
     return n
 
 
-def _logit_rows(outputs: Any, n: int) -> Tensor:
+def _logit_rows(outputs: Any, n: int, pooling: str = "flatten") -> Tensor | None:
+    """The logits as rows ``[n, C]``; None for per-position logits ``[n, T, V]`` of a pooled sequence feature (the
+    head fast path they serve needs ``[n, C]``, and ``N x T x V`` values would not fit in memory for a language
+    model)."""
     logits = logits_of(outputs)
     if logits is None:
         raise ConfigurationError(
@@ -264,6 +332,8 @@ def _logit_rows(outputs: Any, n: int) -> Tensor:
         raise ConfigurationError(
             f"Expected the logits to have one row per example ({n}), but got shape {tuple(logits.shape)}."
         )
+    if logits.dim() > 2 and pooling != "flatten":
+        return None
     return _as_rows(logits, n)
 
 
@@ -274,6 +344,7 @@ def extract_features(
     device: torch.device | str | None = None,
     progress: bool = False,
     forward_fn: ForwardFn | None = None,
+    pooling: str = "mean",
 ) -> Tensor:
     """The input of the feature layer for every example of ``dataloader``, in dataloader order.
 
@@ -286,6 +357,9 @@ def extract_features(
         progress: show a tqdm progress bar.
         forward_fn: ``callable(model, batch) -> outputs``, how the model is called on a batch (default:
             ``model(x)`` for ``(x, y)`` batches, ``model(**inputs)`` for dict batches).
+        pooling: how a sequence input ``[B, T, d]`` of the feature layer becomes one row (see
+            :func:`pool_features`; the batch's ``attention_mask`` says which positions are real): ``"mean"``
+            (default), ``"last"`` or ``"flatten"``. Inputs of queries must be pooled like the index's.
 
     Returns:
         Features ``[N, d]`` float32 on the CPU, one row per example.
@@ -301,7 +375,14 @@ def extract_features(
         torch.Size([10, 8])
     """
     return _extract(
-        model, dataloader, feature_layer, device, progress, with_outputs=False, forward_fn=forward_fn
+        model,
+        dataloader,
+        feature_layer,
+        device,
+        progress,
+        with_outputs=False,
+        forward_fn=forward_fn,
+        pooling=pooling,
     )[0]
 
 
@@ -312,20 +393,28 @@ def extract_features_and_outputs(
     device: torch.device | str | None = None,
     progress: bool = False,
     forward_fn: ForwardFn | None = None,
-) -> tuple[Tensor, Tensor]:
+    pooling: str = "mean",
+) -> tuple[Tensor, Tensor | None]:
     """Like :func:`extract_features`, and the model's logits from the same pass.
 
     Returns:
         ``(features [N, d], logits [N, C])``, both float32 on the CPU (logits of more than two dimensions are
-        flattened after the first). The logits are what the head fast path needs to score without a forward pass.
+        flattened after the first with ``pooling="flatten"``, and not kept otherwise: logits None). The logits are
+        what the head fast path needs to score without a forward pass.
 
     Raises:
         ConfigurationError: as :func:`extract_features`, or a model output without logits.
     """
-    features, outputs = _extract(
-        model, dataloader, feature_layer, device, progress, with_outputs=True, forward_fn=forward_fn
+    return _extract(
+        model,
+        dataloader,
+        feature_layer,
+        device,
+        progress,
+        with_outputs=True,
+        forward_fn=forward_fn,
+        pooling=pooling,
     )
-    return features, cast(Tensor, outputs)
 
 
 def ordered_loader(

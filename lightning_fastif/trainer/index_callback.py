@@ -43,6 +43,10 @@ class FeatureIndexCallback(pl.Callback):
         collate_fn: how to batch ``train_dataset`` items (default: the fit loader's, else torch's default).
         forward_fn: ``callable(model, batch) -> outputs``: how the model is called on a batch (default: ``model(x)``
             for ``(x, y)`` batches, ``model(**inputs)`` for dict batches); pass the same one to ``InfluenceModule``.
+        feature_pooling: how a sequence feature ``[B, T, d]`` (a transformer's last hidden states) becomes one row:
+            ``"mean"`` over the positions the batch's ``attention_mask`` keeps (default), ``"last"`` unmasked position
+            (a causal LM), or ``"flatten"`` (``T x d`` columns, queries of the training length only). Saved in the
+            folder's ``meta.json``; ``InfluenceModule`` pools queries the same way, so queries of any length search it.
 
     The index folder records a fingerprint of the model's weights and of the training set (its labels and a sample
     of its inputs): loading it with another model or other training data of the same length is refused.
@@ -68,9 +72,12 @@ class FeatureIndexCallback(pl.Callback):
         progress: bool = True,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        feature_pooling: str = "mean",
     ) -> None:
         from lightning_fastif.functional.batch import check_forward_fn
+        from lightning_fastif.retrieval.features import check_pooling
 
+        self.feature_pooling = check_pooling(feature_pooling)
         self.forward_fn = check_forward_fn(forward_fn)
         if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
             raise ConfigurationError(f"Expected `dirpath` to be a folder path, but got {dirpath!r}.")
@@ -171,6 +178,7 @@ class FeatureIndexCallback(pl.Callback):
                     collate_fn,
                     show,
                     self.forward_fn,
+                    self.feature_pooling,
                 )
                 gathered = strategy.gather_features(feats, logits, n)
                 features = (name, *gathered) if rank == 0 else None
@@ -198,6 +206,7 @@ class FeatureIndexCallback(pl.Callback):
             show,
             features=features,
             forward_fn=self.forward_fn,
+            feature_pooling=self.feature_pooling,
             **self.index_kwargs,
         )
         self._save(built)
