@@ -11,15 +11,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fastif.errors import SolverConvergenceWarning, SolverDivergenceError, SolverMemoryError
+from lightning_fastif.errors import (
+    ConfigurationError,
+    SolverConvergenceWarning,
+    SolverDivergenceError,
+    SolverMemoryError,
+)
 from lightning_fastif.functional.curvature import TrainingCurvature
 from lightning_fastif.functional.solvers.algorithms import (
     auto_damping,
+    block_conjugate_gradient,
     conjugate_gradient,
     lanczos_extremes,
+    per_query_residual,
+    relative_error_bound,
     relative_residual,
 )
 from lightning_fastif.functional.solvers.base import EXACT_TOL, Solver, SolverDiagnostics, _check_number
+from lightning_fastif.functional.solvers.spectrum import curvature_spectrum
 
 
 class ExactSolver(Solver):
@@ -201,14 +210,21 @@ def _symmetrise_(h: Tensor, block: int = 1024) -> None:
 class CGSolver(Solver):
     """Conjugate gradient on full-training-set products of the curvature (one pass over the data per iteration).
 
+    A batch of queries is solved by block CG (:func:`block_conjugate_gradient`): one Krylov space shared by all the
+    queries, one batched product per iteration; each query still has its own convergence (``diagnostics.extra``:
+    ``per_query_residual``, the relative residual of each query measured by one more pass, and
+    ``per_query_converged``).
+
     Args:
-        damping: lambda >= 0, or ``"auto"`` (from Lanczos estimates of the curvature's extreme eigenvalues, raised
-            if CG still meets non-positive curvature).
+        damping: lambda >= 0, or ``"auto"`` (from Lanczos estimates of the curvature's extreme eigenvalues, cached
+            per model state and shared across solvers, see :func:`curvature_spectrum`; raised if CG still meets
+            non-positive curvature).
         max_iter: most iterations.
         tol: relative residual at which to stop; the solve counts as converged when the residual measured
             afterwards by one more pass is at most ``10 * tol``.
         strict: raise instead of warning when not converged.
         curvature: override the problem's curvature (see :class:`Solver`).
+        block: solve the queries of a batch by block CG (default) instead of one CG per query.
     """
 
     name = "cg"
@@ -222,38 +238,50 @@ class CGSolver(Solver):
         *,
         strict: bool = False,
         curvature: str | None = None,
+        block: bool = True,
     ) -> None:
         super().__init__(damping, strict=strict, curvature=curvature)
         _check_number("max_iter", max_iter, low=1, integer=True)
         _check_number("tol", tol, low=0.0, strict=True)
-        self.max_iter, self.tol = int(max_iter), float(tol)
-        self._eig_cache: tuple[str, float, float] | None = None
+        if not isinstance(block, bool):
+            raise ConfigurationError(f"Expected `block` to be a bool, but got {block!r}.")
+        self.max_iter, self.tol, self.block = int(max_iter), float(tol), block
 
     def config(self) -> dict[str, Any]:
-        return self._common({"max_iter": self.max_iter, "tol": self.tol})
+        return self._common({"max_iter": self.max_iter, "tol": self.tol, "block": self.block})
 
     def extremes(self, curvature: TrainingCurvature, iters: int = 30) -> tuple[float, float]:
-        """Lanczos estimates ``(lambda_min, lambda_max)`` of the curvature (cached per model state)."""
-        curv = self._on(curvature)
-        if self._eig_cache is None or self._eig_cache[0] != curv.key:
-            lo, hi = lanczos_extremes(curv.hvp, curv.theta, iters=iters)
-            self._eig_cache = (curv.key, lo, hi)
-        return self._eig_cache[1], self._eig_cache[2]
+        """Lanczos estimates ``(lambda_min, lambda_max)`` of the curvature (cached per model state, shared)."""
+        spec = curvature_spectrum(self._on(curvature), iters=iters)
+        return spec.lambda_min, spec.lambda_max
+
+    def _cg(self, curv: TrainingCurvature, vectors: Tensor, lam: float) -> tuple[Tensor, SolverDiagnostics]:
+        if self.block and vectors.shape[0] > 1:
+            return block_conjugate_gradient(curv.hvp, vectors, lam, self.max_iter, self.tol)
+        return conjugate_gradient(curv.hvp, vectors, lam, self.max_iter, self.tol)
 
     def solve(self, curvature: TrainingCurvature, vectors: Tensor) -> Tensor:
         start = time.perf_counter()
         curv = self._on(curvature)
         extra: dict[str, Any] = {"curvature": curv.kind}
         if self.damping == "auto":
-            lo, hi = self.extremes(curv)
-            lam = auto_damping(lo, hi)
-            extra.update({"lambda_min_estimate": lo, "lambda_max_estimate": hi})
+            spec = curvature_spectrum(curv)
+            lam = spec.damping
+            extra.update(
+                {
+                    "lambda_min_estimate": spec.lambda_min,
+                    "lambda_max_estimate": spec.lambda_max,
+                    "spectrum_products": spec.products,
+                    "spectrum_cached": spec.cached,
+                    "spectrum_seconds": spec.seconds,
+                }
+            )
         else:
             lam = float(self.damping)
         tries = 0
         while True:
             try:
-                x, diag = conjugate_gradient(curv.hvp, vectors, lam, self.max_iter, self.tol)
+                x, diag = self._cg(curv, vectors, lam)
                 break
             except SolverDivergenceError as err:
                 if self.damping == "auto" and tries < 4:
@@ -268,14 +296,24 @@ class CGSolver(Solver):
                     "damping='auto'), got "
                     f"{lam:g}. Or use `curvature='gauss_newton'` (positive semi-definite for convex losses)."
                 ) from err
-        rel = relative_residual(curv.hvp, x, vectors, lam)
+        per_query = per_query_residual(curv.hvp, x, vectors, lam)
+        rel = float(per_query.max()) if per_query.numel() else 0.0
         self.damping_used = lam
+        bound = tolerance = 10 * self.tol
         extra.update(
-            {"damping": lam, "cg_recursive_residual": diag.residual_norm, "auto_damping_doublings": tries}
+            {
+                "damping": lam,
+                "cg_recursive_residual": diag.residual_norm,
+                "auto_damping_doublings": tries,
+                "per_query_residual": per_query.tolist(),
+                "per_query_converged": (per_query <= bound).tolist(),
+                "relative_error_bound": relative_error_bound(per_query, vectors, x, lam),
+            }
         )
-        diag.residual_norm = rel
-        diag.measure, diag.value, diag.tolerance = "relative_residual", rel, 10 * self.tol
-        diag.converged = rel <= 10 * self.tol
+        extra["algorithm"] = diag.solver  # "block_cg" or "cg"
+        diag.solver, diag.residual_norm = "cg", rel
+        diag.measure, diag.value, diag.tolerance = "relative_residual", rel, tolerance
+        diag.converged = rel <= tolerance
         diag.extra.update(extra)
         diag.seconds = time.perf_counter() - start
         self.diagnostics = diag
