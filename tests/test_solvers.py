@@ -282,3 +282,47 @@ def test_block_cg_solver_equals_per_query_cg_on_a_real_model_and_reports_each_qu
     assert rec["converged"] is True and rec["query_converged"] is True
     assert rec["query_residual"] == pytest.approx(block.diagnostics.extra["per_query_residual"][2])
     assert rec["convergence"]["measure"] == "relative_residual"
+
+
+def test_block_cg_recycles_an_earlier_krylov_space_and_still_solves_exactly():
+    from lightning_fastif.functional.solvers.algorithms import block_conjugate_gradient
+
+    # a few large eigenvalues over a flat bulk: what a network's Gauss-Newton matrix looks like
+    g = torch.Generator().manual_seed(10)
+    q, _ = torch.linalg.qr(torch.randn(150, 150, generator=g, dtype=torch.float64))
+    eig = torch.cat(
+        [torch.logspace(1, 3, 30, dtype=torch.float64), torch.linspace(0.01, 1.0, 120, dtype=torch.float64)]
+    )
+    a = q @ torch.diag(eig) @ q.T
+    first = torch.randn(6, 150, generator=g, dtype=torch.float64)
+    # later queries share most of their directions with earlier ones (as query gradients of one model do)
+    second = torch.randn(6, 6, generator=g, dtype=torch.float64) @ first
+    second += 1e-4 * torch.randn(6, 150, generator=g, dtype=torch.float64)
+    keep = []
+    block_conjugate_gradient(lambda v: v @ a, first, 0.1, 300, 1e-10, keep=keep)
+    w, aw = torch.cat([k[0] for k in keep]), torch.cat([k[1] for k in keep])
+    torch.testing.assert_close(aw, w @ a + 0.1 * w)  # what is kept is each direction and its damped product
+    x, d = block_conjugate_gradient(lambda v: v @ a, second, 0.1, 300, 1e-6, recycle=(w, aw))
+    _, fresh = block_conjugate_gradient(lambda v: v @ a, second, 0.1, 300, 1e-6)
+    assert d.converged and max(d.extra["per_query_residual"]) <= 1e-6
+    torch.testing.assert_close(x, _solve(a, 0.1, second), rtol=1e-4, atol=1e-6)
+    assert d.extra["vector_products"] < 0.8 * fresh.extra["vector_products"]
+
+
+def test_cg_solver_carries_its_krylov_space_across_query_batches_of_one_model_state():
+    curv, h = _linreg_problem(n=40, d=5)
+    solver = lf.CGSolver(damping=0.1, max_iter=50, tol=1e-12)
+    v = torch.randn(3, 5, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    solver.solve(curv, v[:2])
+    assert solver.diagnostics.extra["recycled_directions"] == 0
+    x = solver.solve(curv, v[1:])
+    assert solver.diagnostics.extra["recycled_directions"] > 0
+    torch.testing.assert_close(x, _solve(h, 0.1, v[1:]), rtol=1e-8, atol=1e-10)
+    off = lf.CGSolver(damping=0.1, max_iter=50, tol=1e-12, recycle_mb=0)
+    off.solve(curv, v[:2])
+    off.solve(curv, v[1:])
+    assert off.diagnostics.extra["recycled_directions"] == 0
+    other = lf.CGSolver(damping=0.2, max_iter=50, tol=1e-12)  # another damping: nothing carried over
+    other._krylov = solver._krylov
+    other.solve(curv, v[1:])
+    assert other.diagnostics.extra["recycled_directions"] == 0

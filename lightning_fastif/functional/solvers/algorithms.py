@@ -114,6 +114,8 @@ def block_conjugate_gradient(
     tol: float = 1e-6,
     rank_tol: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    recycle: tuple[Tensor, Tensor] | None = None,
+    keep: list[tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, SolverDiagnostics]:
     """Solve ``(A + damping I) X = rhs`` for all rows of ``rhs [Q, P]`` at once by block conjugate gradient.
 
@@ -135,6 +137,11 @@ def block_conjugate_gradient(
             dependent; default 1e-4 in float32, 1e-7 in float64 (the Gram matrix of the rank-revealing step
             resolves singular values down to about the square root of float64's precision).
         progress: optional ``callback(iteration, max_iter)``.
+        recycle: ``(W [m, P], (A + damping I) W [m, P])`` from earlier solves on the same system: the start is the
+            Galerkin solution in ``span(W)`` (no product needed), so a later batch of queries begins where the
+            earlier Krylov space left off.
+        keep: when given, every search block and its product ``(direction [k, P], (A + damping I) direction)`` is
+            appended to it (for ``recycle`` later).
 
     Returns:
         ``x [Q, P]`` and diagnostics; ``extra`` holds ``per_query_iterations`` (the iteration at which each query
@@ -157,6 +164,16 @@ def block_conjugate_gradient(
         rank_tol = 1e-4 if rhs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-7
     x = torch.zeros_like(rhs)
     r = rhs.clone()
+    if recycle is not None and recycle[0].shape[0] > 0:
+        w, aw = recycle
+        w64 = w.to(torch.float64)
+        m = w64 @ aw.to(torch.float64).T
+        # W A W^T is singular when the directions of several solves overlap: a pseudo-inverse on its range
+        cut = 1e-10 if rhs.dtype == torch.float64 else 1e-5
+        pinv = torch.linalg.pinv(0.5 * (m + m.T), hermitian=True, rtol=cut)
+        coef = (pinv @ (w64 @ rhs.to(torch.float64).T)).to(rhs.dtype)  # [m, Q]
+        x = coef.T @ w
+        r = rhs - coef.T @ aw
     bnorm = rhs.norm(dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
     rel = r.norm(dim=-1) / bnorm
     active = rel > tol
@@ -170,6 +187,8 @@ def block_conjugate_gradient(
         it += 1
         sizes.append(int(direction.shape[0]))
         a_dir = matvec(direction) + damping * direction  # [k, P]
+        if keep is not None:
+            keep.append((direction, a_dir))
         gram = direction @ a_dir.T  # P^T A P, [k, k]
         gram = 0.5 * (gram + gram.T)
         chol, info = torch.linalg.cholesky_ex(gram.to(torch.float64))

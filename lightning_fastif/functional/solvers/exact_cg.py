@@ -225,6 +225,10 @@ class CGSolver(Solver):
         strict: raise instead of warning when not converged.
         curvature: override the problem's curvature (see :class:`Solver`).
         block: solve the queries of a batch by block CG (default) instead of one CG per query.
+        recycle_mb: keep up to this many MiB of search directions (and their products) from earlier block solves
+            on the same curvature, damping and model state, and start each later batch from the Galerkin solution
+            in their span (no extra product): measured 15-30% fewer products per batch from the second batch on
+            (``benchmarks/krylov_recycling.py``). 0 turns it off.
     """
 
     name = "cg"
@@ -239,16 +243,24 @@ class CGSolver(Solver):
         strict: bool = False,
         curvature: str | None = None,
         block: bool = True,
+        recycle_mb: float = 256.0,
     ) -> None:
         super().__init__(damping, strict=strict, curvature=curvature)
         _check_number("max_iter", max_iter, low=1, integer=True)
         _check_number("tol", tol, low=0.0, strict=True)
+        _check_number("recycle_mb", recycle_mb, low=0.0)
         if not isinstance(block, bool):
             raise ConfigurationError(f"Expected `block` to be a bool, but got {block!r}.")
         self.max_iter, self.tol, self.block = int(max_iter), float(tol), block
+        self.recycle_mb = float(recycle_mb)
+        self._krylov: tuple[str, float, Tensor, Tensor] | None = (
+            None  # (key, damping, W [m, P], (A + lam I) W)
+        )
 
     def config(self) -> dict[str, Any]:
-        return self._common({"max_iter": self.max_iter, "tol": self.tol, "block": self.block})
+        return self._common(
+            {"max_iter": self.max_iter, "tol": self.tol, "block": self.block, "recycle_mb": self.recycle_mb}
+        )
 
     def extremes(self, curvature: TrainingCurvature, iters: int = 30) -> tuple[float, float]:
         """Lanczos estimates ``(lambda_min, lambda_max)`` of the curvature (cached per model state, shared)."""
@@ -256,9 +268,36 @@ class CGSolver(Solver):
         return spec.lambda_min, spec.lambda_max
 
     def _cg(self, curv: TrainingCurvature, vectors: Tensor, lam: float) -> tuple[Tensor, SolverDiagnostics]:
-        if self.block and vectors.shape[0] > 1:
-            return block_conjugate_gradient(curv.hvp, vectors, lam, self.max_iter, self.tol)
-        return conjugate_gradient(curv.hvp, vectors, lam, self.max_iter, self.tol)
+        if not (self.block and vectors.shape[0] > 1):
+            return conjugate_gradient(curv.hvp, vectors, lam, self.max_iter, self.tol)
+        cap = int(self.recycle_mb * 2**20) // max(1, 2 * vectors.shape[-1] * vectors.element_size())
+        old = self._krylov
+        if old is not None and (old[0] != curv.key or old[1] != lam or old[2].dtype != vectors.dtype):
+            old = self._krylov = None
+        keep: list[tuple[Tensor, Tensor]] | None = [] if cap > 0 else None
+        recycle = None if old is None else (old[2], old[3])
+        x, diag = block_conjugate_gradient(
+            curv.hvp, vectors, lam, self.max_iter, self.tol, recycle=recycle, keep=keep
+        )
+        diag.extra["recycled_directions"] = 0 if old is None else int(old[2].shape[0])
+        if keep:
+            w = (
+                torch.cat([old[2], *(k[0] for k in keep)])
+                if old is not None
+                else torch.cat([k[0] for k in keep])
+            )
+            aw = (
+                torch.cat([old[3], *(k[1] for k in keep)])
+                if old is not None
+                else torch.cat([k[1] for k in keep])
+            )
+            self._krylov = (
+                curv.key,
+                lam,
+                w[:cap].detach(),
+                aw[:cap].detach(),
+            )  # the earliest: the dominant ones
+        return x, diag
 
     def solve(self, curvature: TrainingCurvature, vectors: Tensor) -> Tensor:
         start = time.perf_counter()
