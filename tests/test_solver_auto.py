@@ -378,3 +378,19 @@ def test_solver_auto_string_is_the_auto_solver_and_other_strings_are_refused():
 
     with pytest.raises(ConfigurationError, match="`solver`.*'exact'"):
         lf.InfluenceModule(model, train, solver="exact", num_candidates=None)
+
+
+def test_the_measured_product_cost_is_averaged_over_ranks_so_every_rank_chooses_alike():
+    from lightning_fastif.solvers.auto import measure_product_cost
+
+    _, _, curv = _relu_problem(mode="gauss_newton")
+    seen = []
+
+    def other_rank_measured_one_second(t):  # what a sum over two ranks returns
+        seen.append(t.clone())
+        return t + torch.tensor([1.0, 1.0], dtype=t.dtype)
+
+    curv.all_reduce = other_rank_measured_one_second
+    cost = measure_product_cost(curv)
+    assert len(seen) == 1 and seen[0][1] == 1.0 and 0 < seen[0][0] < 1.0
+    assert cost == pytest.approx((float(seen[0][0]) + 1.0) / 2)

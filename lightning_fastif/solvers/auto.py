@@ -52,7 +52,8 @@ against a float64 reference on the MNIST MLP benchmarks (``benchmarks/kronfluenc
 
 def measure_product_cost(curvature: TrainingCurvature, vectors: int = 8, examples: int = 128) -> float:
     """Seconds of one curvature product per vector and per training example, measured on the first ``examples``
-    training examples with ``vectors`` random tangents (the batched product CG uses), after one warm-up product.
+    training examples with ``vectors`` random tangents (the batched product CG uses), after one warm-up product;
+    averaged over the processes of a distributed run (one all-reduce), so that every rank chooses alike.
 
     Example:
         >>> c = measure_product_cost(curv)  # predicted seconds of one full-data product per vector: c * N
@@ -65,13 +66,19 @@ def measure_product_cost(curvature: TrainingCurvature, vectors: int = 8, example
     gen = torch.Generator(device="cpu").manual_seed(0)
     v = torch.randn(vectors, curvature.spec.numel, generator=gen, dtype=torch.float64)
     v = v.to(device=curvature.theta.device, dtype=curvature.theta.dtype)
-    batch = next(iter(curvature.shard_batches()))
-    batch = slice_batch(batch, slice(0, examples))
-    size = max(1, _batch_size(batch))
-    curvature.batch_hvp(batch, v[:1])  # warm-up: first-call overheads are not the product's cost
-    start = time.perf_counter()
-    curvature.batch_hvp(batch, v)
-    return (time.perf_counter() - start) / (vectors * size)
+    measured = torch.zeros(2, dtype=torch.float64, device=curvature.theta.device)  # (seconds per unit, ranks)
+    batch = next(iter(curvature.shard_batches()), None)
+    if batch is not None:  # a rank past the end of a tiny data set has no shard: it only joins the sum
+        batch = slice_batch(batch, slice(0, examples))
+        size = max(1, _batch_size(batch))
+        curvature.batch_hvp(batch, v[:1])  # warm-up: first-call overheads are not the product's cost
+        start = time.perf_counter()
+        curvature.batch_hvp(batch, v)
+        measured[0], measured[1] = (time.perf_counter() - start) / (vectors * size), 1.0
+    # every rank must take the same decision (their collectives differ by solver): average over the ranks
+    reduced = curvature.all_reduce(measured)
+    total = measured if reduced is None else reduced
+    return float(total[0] / total[1].clamp_min(1.0))
 
 
 try:  # EK-FAC is optional here: without it, the rule falls through to CG on Gauss-Newton
