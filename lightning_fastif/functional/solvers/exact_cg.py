@@ -227,7 +227,7 @@ class CGSolver(Solver):
         block: solve the queries of a batch by block CG (default) instead of one CG per query.
         recycle_mb: keep up to this many MiB of search directions (and their products) from earlier block solves
             on the same curvature, damping and model state, and start each later batch from the Galerkin solution
-            in their span (no extra product): measured 15-30% fewer products per batch from the second batch on
+            in their span (no extra product): measured 9-24% fewer products per batch from the second batch on
             (``benchmarks/krylov_recycling.py``). 0 turns it off.
     """
 
