@@ -125,7 +125,8 @@ class AutoSolver(Solver):
     Example:
         >>> im = lf.InfluenceModule(model, train_ds, solver=lf.AutoSolver(), num_candidates=None)
         >>> im.s_test(batch); im.solver.choice
-        'exact (gauss_newton): 2,410 parameters, build ~3.1 s <= CG for 250 queries ~48 s, dense peak 0.05 GiB ...'
+        'exact (gauss_newton): 2,410 parameters, measured 0.0021 s per full-data product and vector: CG ~0.042 s per
+        query, dense build ~5.1 s <= CG for 250 queries; dense peak 0.07 GiB <= 2 GiB'
     """
 
     name = "auto"
