@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-MNIST = ROOT.parent / "shared" / "data" / "mnist" / "mnist.npz"
+MNIST = Path(os.environ.get("MNIST_NPZ", ROOT.parent / "shared" / "data" / "mnist" / "mnist.npz"))
+"""The MNIST arrays (``/work/shared/data/mnist``); ``MNIST_NPZ`` points elsewhere (e.g. from a git worktree)."""
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 

@@ -36,6 +36,12 @@ def _relu_problem(n=60, seed=3, mode="hessian"):
     return model, data, curv
 
 
+def _theta_spec(model):
+    sel = select_params(model)
+    spec = ParamSpec.of(sel)
+    return spec.flatten(sel).detach(), spec
+
+
 def _solve_ref(mat, lam, v):
     return torch.linalg.solve(mat + lam * torch.eye(mat.shape[0], dtype=mat.dtype), v.T).T
 
@@ -153,14 +159,14 @@ def test_auto_picks_exact_when_it_fits_and_records_the_choice_in_every_result(ca
         results = im.explain(queries)
         im.explain(queries)
     assert (
-        sum("solver='auto' chose exact (hessian)" in r.getMessage() for r in caplog.records) == 1
+        sum("solver='auto' chose exact (gauss_newton)" in r.getMessage() for r in caplog.records) == 1
     )  # printed once
     rec = results[0].to_dict()["extra"]
-    assert rec["solver"] == "auto" and rec["curvature"] == "hessian" and rec["converged"] is True
+    assert rec["solver"] == "auto" and rec["curvature"] == "gauss_newton" and rec["converged"] is True
     assert rec["convergence"]["measure"] == "relative_residual" and rec["convergence"]["value"] < 1e-8
-    assert rec["solver_choice"].startswith("exact (hessian)") and rec["damping"] > 0
-    # the answer is the exact damped solve at the damping it recorded
-    h = curv.matrix()
+    assert rec["solver_choice"].startswith("exact (gauss_newton)") and rec["damping"] > 0
+    # the answer is the exact damped solve at the damping it recorded, on the Gauss-Newton matrix
+    h = curv.with_mode("gauss_newton").matrix()
     g = im.query_grads(queries)
     torch.testing.assert_close(im.s_test(queries), _solve_ref(h, rec["damping"], g), rtol=1e-7, atol=1e-9)
 
@@ -169,7 +175,7 @@ def test_auto_falls_back_to_cg_on_gauss_newton_when_exact_does_not_fit():
     model, data, _ = _relu_problem(mode="gauss_newton")
     # a free nn.Parameter is in no Linear/Conv layer, so EK-FAC cannot take it: auto must pick CG
     model.register_parameter("temperature", nn.Parameter(torch.ones(1, dtype=torch.float64)))
-    auto = lf.AutoSolver(exact_max_params=10, cg_budget=0, tol=1e-10)
+    auto = lf.AutoSolver(expected_queries=0, cg_max_seconds=0, tol=1e-10)
     im = lf.InfluenceModule(model, data, solver=auto, num_candidates=None, progress=False)
     queries = data[:2]
     s = im.s_test(queries)
@@ -183,7 +189,7 @@ def test_auto_falls_back_to_cg_on_gauss_newton_when_exact_does_not_fit():
     im2 = lf.InfluenceModule(
         model,
         data,
-        solver=lf.AutoSolver(exact_max_params=10, cg_budget=0),
+        solver=lf.AutoSolver(expected_queries=0, cg_max_seconds=0),
         curvature="hessian",
         num_candidates=None,
         progress=False,
@@ -198,7 +204,7 @@ def test_auto_picks_ekfac_for_large_linear_only_models_when_available():
     if solver_choice._EKFAC is None:
         pytest.skip("EK-FAC solver not in this tree")
     model, data, _ = _relu_problem()
-    auto = lf.AutoSolver(exact_max_params=10, cg_budget=0)
+    auto = lf.AutoSolver(expected_queries=0, cg_max_seconds=0)
     im = lf.InfluenceModule(model, data, solver=auto, num_candidates=None, progress=False)
     im.s_test(data[:1])
     assert auto.choice.startswith("ekfac") and auto.chosen.name == "ekfac"
@@ -221,10 +227,106 @@ def test_bad_auto_and_curvature_arguments_name_the_argument():
 
 def test_auto_prefers_exact_cg_to_ekfac_when_cg_is_cheap():
     model, data, _ = _relu_problem()
-    auto = lf.AutoSolver(exact_max_params=10)  # 50 N P = 50 * 60 * 111: far below the default cg_budget
+    auto = lf.AutoSolver(
+        expected_queries=0
+    )  # never Exact; CG's predicted seconds are far below cg_max_seconds
     lf.InfluenceModule(model, data, solver=auto, num_candidates=None, progress=False).s_test(data[:1])
     assert auto.choice.startswith("cg (gauss_newton)") and "CG is affordable here" in auto.choice
     assert auto.diagnostics.converged
+
+
+@pytest.mark.parametrize(
+    ("seconds_per_product", "expected"),
+    [(1e-9, "cg"), (1.0, "ekfac")],
+    ids=["cheap-product-keeps-cg", "costly-product-goes-ekfac"],
+)
+def test_auto_decides_cg_or_ekfac_by_the_measured_cost_not_the_parameter_count(
+    monkeypatch, seconds_per_product, expected
+):
+    from lightning_fastif.solvers import auto as solver_choice
+
+    if solver_choice._EKFAC is None:
+        pytest.skip("EK-FAC solver not in this tree")
+    measured = []
+
+    def fake_cost(curv, *args, **kwargs):
+        measured.append(curv.kind)
+        return seconds_per_product
+
+    monkeypatch.setattr(solver_choice, "measure_product_cost", fake_cost)
+    model, data, _ = _relu_problem()
+    auto = lf.AutoSolver(expected_queries=0, cg_max_seconds=10.0)
+    lf.InfluenceModule(model, data, solver=auto, num_candidates=None, progress=False).s_test(data[:1])
+    assert measured == ["gauss_newton"] and auto.chosen.name == expected
+    # the prediction is in the choice line: CG_EXPECTED_ITERATIONS x N x seconds per product and example
+    predicted = solver_choice.CG_EXPECTED_ITERATIONS * len(data) * seconds_per_product
+    assert f"CG ~{predicted:.3g} s per query" in auto.choice
+
+
+def test_auto_chooses_exact_only_when_its_build_costs_less_than_cg_for_the_expected_queries(monkeypatch):
+    from lightning_fastif.solvers import auto as solver_choice
+
+    monkeypatch.setattr(solver_choice, "measure_product_cost", lambda curv, *a, **k: 1e-3)
+    model, data, _ = _relu_problem()  # P = 111: the dense build is 111 products per example, CG 20 per query
+    few = lf.AutoSolver(expected_queries=5, cg_max_seconds=1e9)  # 111 > 5 * 20
+    lf.InfluenceModule(model, data, solver=few, num_candidates=None, progress=False).s_test(data[:1])
+    assert few.chosen.name == "cg" and "costs more than CG for 5 queries" in few.choice
+    many = lf.AutoSolver(expected_queries=6, cg_max_seconds=1e9)  # 111 <= 6 * 20
+    lf.InfluenceModule(model, data, solver=many, num_candidates=None, progress=False).s_test(data[:1])
+    assert many.chosen.name == "exact"
+
+
+def test_auto_uses_gauss_newton_for_exact_on_an_indefinite_network():
+    model, data, curv = _relu_problem(mode="auto")
+    h = curv.matrix()
+    assert float(torch.linalg.eigvalsh(h)[0]) < 0  # the Hessian is indefinite here
+    auto = lf.AutoSolver()
+    im = lf.InfluenceModule(model, data, solver=auto, num_candidates=None, progress=False)
+    s = im.s_test(data[:2])
+    assert auto.chosen.name == "exact" and auto.diagnostics.extra["curvature"] == "gauss_newton"
+    g = curv.with_mode("gauss_newton").matrix()
+    ev = torch.linalg.eigvalsh(g)
+    assert float(ev[0]) > -1e-10  # positive semi-definite: damping 1% of lambda_max suffices
+    assert auto.damping_used == pytest.approx(1e-2 * float(ev[-1]), rel=0.05)
+    torch.testing.assert_close(
+        s, _solve_ref(g, auto.damping_used, im.query_grads(data[:2])), rtol=1e-7, atol=1e-9
+    )
+    # the Hessian is still there when asked for
+    im_h = lf.InfluenceModule(model, data, solver=lf.AutoSolver(), curvature="hessian", num_candidates=None)
+    im_h.s_test(data[:1])
+    assert im_h.solver.diagnostics.extra["curvature"] == "hessian"
+
+
+def test_the_spectrum_is_estimated_once_per_model_state_and_shared_across_modules_and_solvers():
+    from lightning_fastif.functional.solvers.spectrum import clear_spectrum_cache
+
+    clear_spectrum_cache()
+    model, data, _ = _relu_problem()
+    first = lf.CGSolver("auto", max_iter=300, tol=1e-10, curvature="gauss_newton")
+    lf.InfluenceModule(model, data, solver=first, num_candidates=None, progress=False).s_test(data[:2])
+    assert (
+        first.diagnostics.extra["spectrum_cached"] is False
+        and first.diagnostics.extra["spectrum_products"] > 0
+    )
+    second = lf.CGSolver(
+        "auto", max_iter=300, tol=1e-10, curvature="gauss_newton"
+    )  # another module and solver
+    lf.InfluenceModule(model, data, solver=second, num_candidates=None, progress=False).s_test(data[2:5])
+    assert (
+        second.diagnostics.extra["spectrum_cached"] is True
+        and second.diagnostics.extra["spectrum_products"] == 0
+    )
+    assert second.damping_used == first.damping_used
+    with torch.no_grad():  # a new model state: estimated again
+        model[0].weight.mul_(1.1)
+    third = lf.CGSolver("auto", max_iter=300, tol=1e-10, curvature="gauss_newton")
+    lf.InfluenceModule(model, data, solver=third, num_candidates=None, progress=False).s_test(data[:2])
+    assert third.diagnostics.extra["spectrum_cached"] is False and third.damping_used != first.damping_used
+    # the early stop changes the damping by less than its tolerance against a 30-product Lanczos
+    g = TrainingCurvature(
+        PerExampleLoss(model), *_theta_spec(model), data, batch_size=16, mode="gauss_newton"
+    ).matrix()
+    assert third.damping_used == pytest.approx(1e-2 * float(torch.linalg.eigvalsh(g)[-1]), rel=0.02)
 
 
 def test_lissa_divergence_on_an_indefinite_hessian_says_damping_not_scale():
@@ -276,3 +378,19 @@ def test_solver_auto_string_is_the_auto_solver_and_other_strings_are_refused():
 
     with pytest.raises(ConfigurationError, match="`solver`.*'exact'"):
         lf.InfluenceModule(model, train, solver="exact", num_candidates=None)
+
+
+def test_the_measured_product_cost_is_averaged_over_ranks_so_every_rank_chooses_alike():
+    from lightning_fastif.solvers.auto import measure_product_cost
+
+    _, _, curv = _relu_problem(mode="gauss_newton")
+    seen = []
+
+    def other_rank_measured_one_second(t):  # what a sum over two ranks returns
+        seen.append(t.clone())
+        return t + torch.tensor([1.0, 1.0], dtype=t.dtype)
+
+    curv.all_reduce = other_rank_measured_one_second
+    cost = measure_product_cost(curv)
+    assert len(seen) == 1 and seen[0][1] == 1.0 and 0 < seen[0][0] < 1.0
+    assert cost == pytest.approx((float(seen[0][0]) + 1.0) / 2)

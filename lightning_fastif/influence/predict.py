@@ -76,7 +76,7 @@ def assemble_results(
                 query_loss=float(losses[q]),
                 helpful_distances=[dist[i] for i in h_ids.tolist()] if dist else [],
                 harmful_distances=[dist[i] for i in x_ids.tolist()] if dist else [],
-                extra={**solver_record(module.solver), "candidates": module.candidates},
+                extra={**solver_record(module.solver, q), "candidates": module.candidates},
             )
         )
     return results

@@ -14,6 +14,7 @@ Convergence is never silent: every solve fills ``solver.diagnostics`` with a con
 
 from lightning_fastif.functional.solvers.algorithms import (
     auto_damping,
+    block_conjugate_gradient,
     conjugate_gradient,
     lanczos_extremes,
     lissa,
@@ -22,6 +23,7 @@ from lightning_fastif.functional.solvers.algorithms import (
 from lightning_fastif.functional.solvers.base import Solver, SolverDiagnostics
 from lightning_fastif.functional.solvers.exact_cg import CGSolver, ExactSolver
 from lightning_fastif.functional.solvers.lissa import LiSSASolver
+from lightning_fastif.functional.solvers.spectrum import Spectrum, curvature_spectrum, spectrum_key
 
 __all__ = [
     "CGSolver",
@@ -29,9 +31,13 @@ __all__ = [
     "LiSSASolver",
     "Solver",
     "SolverDiagnostics",
+    "Spectrum",
     "auto_damping",
+    "block_conjugate_gradient",
     "conjugate_gradient",
+    "curvature_spectrum",
     "lanczos_extremes",
     "lissa",
     "relative_residual",
+    "spectrum_key",
 ]
