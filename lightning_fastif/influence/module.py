@@ -32,6 +32,7 @@ from lightning_fastif.influence.checks import check_arguments, check_training_fi
 from lightning_fastif.influence.head import head_fast_path, head_fast_scores, train_labels
 from lightning_fastif.influence.predict import assemble_results, batch_query_ids, predictions
 from lightning_fastif.results import InfluenceResult
+from lightning_fastif.threads import guard_oversubscription
 
 __all__ = ["InfluenceModule"]
 
@@ -118,6 +119,7 @@ class InfluenceModule(pl.LightningModule):
             sketch,
             curvature,
         )
+        guard_oversubscription()  # a Python user gets the CLI's thread choice on a busy machine, and is told
         self.curvature_mode = curvature
         self.candidates = candidates
         self.model = model
