@@ -122,8 +122,8 @@ class InfluenceTrainer(pl.Trainer):
             ckpt_path: checkpoint to load.
             index_dir: the candidate index folder (from fit with FeatureIndexCallback or the ``index`` subcommand).
             output_dir: where results go.
-            solver: AutoSolver (default: Exact when the dense system fits, else EK-FAC, else CG on Gauss-Newton,
-                damping "auto"), ExactSolver, CGSolver, LiSSASolver, EKFACSolver or KFACSolver.
+            solver: AutoSolver (default: Exact when the dense system fits, else CG on Gauss-Newton when affordable,
+                else EK-FAC, else CG; damping "auto"), ExactSolver, CGSolver, LiSSASolver, EKFACSolver or KFACSolver.
             params: glob patterns of the parameters to differentiate (default: all trainable).
             num_candidates: k nearest training examples scored per query (null: the whole training set).
             top_k: helpful and harmful examples kept per query.
@@ -407,10 +407,14 @@ def main(args: list[str] | None = None) -> None:
     also ``LIGHTNING_FASTIF_DEBUG=1``). An error prints one line (exit code 2 for usage and configuration errors).
     """
     from lightning_fastif.cli.support import (
+        HELP,
+        USAGE_EXIT,
         UsageError,
         debug_requested,
         describe,
+        early_error,
         lightning_info_gate,
+        pop_flag,
         pop_option,
     )
     from lightning_fastif.threads import set_num_threads
@@ -421,7 +425,14 @@ def main(args: list[str] | None = None) -> None:
     debug_before = os.environ.get("LIGHTNING_FASTIF_DEBUG")
     if debug:
         os.environ["LIGHTNING_FASTIF_DEBUG"] = "1"  # DDP ranks re-run the command without the flag
+    HELP["all"] = pop_flag(argv, "--help-all")
+    if HELP["all"]:
+        argv.append("--help")
     try:
+        early = early_error(argv)
+        if early:  # also found by lightning_fastif.cli.main before importing Lightning
+            print(early, file=sys.stderr)
+            sys.exit(USAGE_EXIT)
         threads = pop_option(argv, "--threads")
         if args is None:  # Lightning reads sys.argv (and DDP's popen re-runs it): keep only its own arguments
             sys.argv[1:] = argv or ["--help"]
