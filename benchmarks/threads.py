@@ -4,7 +4,7 @@ oversubscribed threads itself), with 1 thread, with torch's default of one threa
 (what the CLI's ``--threads auto`` does), each in a fresh process, round-robin.
 
 Run: ``python benchmarks/threads.py [rounds]`` (default 2; about 1-10 min a round depending on the machine's load).
-Saves ``benchmarks/results/threads.json``. ``OMP_NUM_THREADS`` is removed from the children's environment: the point
+Saves ``benchmarks/results/threads.json``. ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` are removed from the children's environment: the point
 is what a user gets without knowing about it.
 """
 
@@ -32,7 +32,7 @@ def main() -> None:
     rows = []
     for rnd in range(rounds):
         for mode in ("as_written", "all_cores", "1", "auto"):
-            env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+            env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
             if mode == "all_cores":  # torch's default, chosen explicitly: the library leaves it alone
                 env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
             load = os.getloadavg()[0]

@@ -197,3 +197,21 @@ def test_lightnings_start_up_lines_do_not_precede_an_error(tmp_path, capsys, cap
     assert code == 2
     lightning = [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
     assert not [m for m in lightning if m.startswith(("Seed set", "GPU available", "TPU available", "💡"))]
+
+
+def test_an_own_module_that_python_cannot_import_says_what_to_do(tmp_path, capsys):
+    code, err = _fails(capsys, _influence(tmp_path, "--model.class_path=mymodule_nowhere.MyNet"))
+    assert code == 2
+    assert "No module named 'mymodule_nowhere'" in err
+    assert "Run from the folder that holds it, or put that folder on PYTHONPATH" in err
+
+
+def test_an_own_module_in_the_current_folder_is_found(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodule_here.py").write_text(
+        "from lightning_fastif.zoo.digits import DigitsClassifier\n\n\nclass MyNet(DigitsClassifier):\n    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    argv = _influence(tmp_path, "--model.class_path=mymodule_here.MyNet", "--ckpt_path=missing.ckpt")
+    code, err = _fails(capsys, argv)
+    assert "No module named" not in err and "missing.ckpt" in err, err

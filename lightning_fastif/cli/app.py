@@ -419,6 +419,8 @@ def main(args: list[str] | None = None) -> None:
     )
     from lightning_fastif.threads import set_num_threads
 
+    if os.getcwd() not in sys.path:  # `class_path: mymodule.MyNet` finds ./mymodule.py, as `python -m` would
+        sys.path.append(os.getcwd())  # (appended: it never shadows an installed package)
     gate = lightning_info_gate()  # Lightning's start-up lines wait until the command is under way
     argv = list(sys.argv[1:] if args is None else args)
     debug = debug_requested(argv)

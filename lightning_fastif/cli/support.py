@@ -199,12 +199,30 @@ def describe(err: BaseException, argv: list[str], parsers: dict[str, Any]) -> tu
                 if guess:
                     hints.append(f"did you mean {guess}?")
             text = "unrecognized arguments: " + match.group(1) + ("; " + " ".join(hints) if hints else "")
+        hint = import_hint(text)
+        if hint:
+            return USAGE_EXIT, f"{prog}: error: {text}\n{hint}"
         return USAGE_EXIT, f"{prog}: error: {text}\n(see `{prog} --help`)"
     name = type(err).__module__.split(".")[0]
     if name == "lightning" and type(err).__name__ == "MisconfigurationException":
         return USAGE_EXIT, f"{prog}: error: {err}"
     return FAILURE_EXIT, (
         f"{prog}: error: {type(err).__name__}: {err}\n(rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+    )
+
+
+def import_hint(text: str) -> str | None:
+    """What to do when a ``class_path`` names a module Python cannot import (``No module named 'mymodule'``)."""
+    match = re.search(r"No module named '([\w.]+)'", text)
+    if not match:
+        return None
+    module = match.group(1)
+    top = module.split(".")[0]
+    return (
+        f"`{module}` is not importable: Python looks for {top}.py (or a package {top}/) in the current folder "
+        f"({os.getcwd()}) and on PYTHONPATH. Run from the folder that holds it, or put that folder on PYTHONPATH, "
+        f"e.g. `PYTHONPATH=/path/to/folder .venv/bin/lightning-fastif ...` (see docs/guide.md, \"Your own model "
+        "and data\")."
     )
 
 
