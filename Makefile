@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,text]"
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e ".[test,text]"  # no setuptools editable-install banner
 	touch $@
 
 install: $(VENV)/.installed

@@ -213,5 +213,5 @@ def test_an_own_module_in_the_current_folder_is_found(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
     argv = _influence(tmp_path, "--model.class_path=mymodule_here.MyNet", "--ckpt_path=missing.ckpt")
-    code, err = _fails(capsys, argv)
+    _code, err = _fails(capsys, argv)
     assert "No module named" not in err and "missing.ckpt" in err, err
