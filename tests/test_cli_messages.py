@@ -1,0 +1,30 @@
+"""What the CLI tells a person that they would otherwise not know (issue 20): fewer misclassified queries than
+``queries.n`` asked for."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_fastif.cli.inputs import QuerySelection, _select_queries
+
+
+def test_fewer_misclassified_queries_than_asked_for_are_announced(caplog):
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+        model.bias.zero_()
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    y = torch.tensor([0, 0, 0, 1, 1])  # the model predicts argmax(x): ids 1 and 4 are wrong
+    with caplog.at_level(logging.INFO):
+        ids = _select_queries(model, TensorDataset(x, y), None, QuerySelection(n=20))
+    assert ids == [1, 4]
+    (line,) = [r.getMessage() for r in caplog.records if "queries.n" in r.getMessage()]
+    assert "queries.n=20 asked for, but the model gets only 2 of the 5 test examples wrong" in line
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert _select_queries(model, TensorDataset(x, y), None, QuerySelection(n=2)) == [1, 4]
+    assert not [r for r in caplog.records if "queries.n" in r.getMessage()]
