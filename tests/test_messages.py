@@ -1,5 +1,5 @@
-"""What the CLI tells a person that they would otherwise not know (issue 20): fewer misclassified queries than
-``queries.n`` asked for."""
+"""What a person is told that they would otherwise not know (issue 20): fewer misclassified queries than
+``queries.n`` asked for, why a list of a result is empty."""
 
 from __future__ import annotations
 
@@ -28,3 +28,14 @@ def test_fewer_misclassified_queries_than_asked_for_are_announced(caplog):
     with caplog.at_level(logging.INFO):
         assert _select_queries(model, TensorDataset(x, y), None, QuerySelection(n=2)) == [1, 4]
     assert not [r for r in caplog.records if "queries.n" in r.getMessage()]
+
+
+def test_an_empty_harmful_or_helpful_list_says_why():
+    from lightning_fastif.influence.predict import result_flags
+
+    some, none = torch.tensor([3, 5]), torch.tensor([], dtype=torch.long)
+    (flag,) = result_flags(0.4, some, none)
+    assert flag.startswith("no_harmful: no candidate has a positive score")
+    (flag,) = result_flags(0.4, none, some)
+    assert flag.startswith("no_helpful: no candidate has a negative score")
+    assert result_flags(0.4, some, some) == []
