@@ -39,3 +39,17 @@ def test_an_empty_harmful_or_helpful_list_says_why():
     (flag,) = result_flags(0.4, none, some)
     assert flag.startswith("no_helpful: no candidate has a negative score")
     assert result_flags(0.4, some, some) == []
+
+
+def test_self_influence_prints_the_head_of_its_ranking():
+    from lightning_fastif.reporting.self_influence_html import screen_ranking
+
+    records = [
+        {"rank": r + 1, "train_id": i, "self_influence": v, "loss": 2.0 - r, "label": r}
+        for r, (i, v) in enumerate([(17, 9.5), (3, 4.25), (40, 0.5)])
+    ]
+    text = screen_ranking(records, class_names=["zero", "one", "two"], top=2)
+    lines = text.splitlines()
+    assert lines[0].startswith("lightning_fastif: the 2 training examples most likely mislabelled or atypical")
+    assert lines[2].split() == ["1", "17", "9.5", "2", "0", "(zero)"]
+    assert lines[3].split() == ["2", "3", "4.25", "1", "1", "(one)"] and len(lines) == 4

@@ -221,8 +221,31 @@ def write_self_influence_outputs(
             log_self_influence_to_wandb(
                 trainer.loggers, records, im.train_dataset, class_names=class_names, image_shape=image_shape
             )
+    rank_zero_info(screen_ranking(records, class_names))
     rank_zero_info(
         f"lightning_fastif: self-influence of {len(records)} training examples (solver {im.solver!r}) written to "
         f"{out.resolve()}/self_influence.{{jsonl,html}}"
     )
     return records
+
+
+def screen_ranking(records: Sequence[dict[str, Any]], class_names: Any = None, top: int = 10) -> str:
+    """The head of the ranking as a small table for the terminal (most likely mislabelled or atypical first)."""
+    lines = [
+        f"lightning_fastif: the {min(top, len(records))} training examples most likely mislabelled or atypical "
+        "(highest self-influence):",
+        f"  {'rank':>4}  {'train id':>8}  {'self-influence':>14}  {'loss':>8}  label",
+    ]
+    for rec in records[:top]:
+        label = rec.get("label")
+        if label is not None and class_names is not None:
+            try:
+                label = f"{label} ({class_names[label]})"
+            except (IndexError, KeyError, TypeError):
+                pass
+        loss = f"{rec['loss']:8.3g}" if rec.get("loss") is not None else f"{'':8}"
+        lines.append(
+            f"  {rec['rank']:>4}  {rec['train_id']:>8}  {rec['self_influence']:>14.4g}  {loss}  "
+            f"{'' if label is None else label}"
+        )
+    return "\n".join(lines)
