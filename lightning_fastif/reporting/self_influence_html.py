@@ -6,6 +6,7 @@ their inputs rendered (images inline, text as text) by the same rules as the inf
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -239,10 +240,8 @@ def screen_ranking(records: Sequence[dict[str, Any]], class_names: Any = None, t
     for rec in records[:top]:
         label = rec.get("label")
         if label is not None and class_names is not None:
-            try:
+            with contextlib.suppress(IndexError, KeyError, TypeError):
                 label = f"{label} ({class_names[label]})"
-            except (IndexError, KeyError, TypeError):
-                pass
         loss = f"{rec['loss']:8.3g}" if rec.get("loss") is not None else f"{'':8}"
         lines.append(
             f"  {rec['rank']:>4}  {rec['train_id']:>8}  {rec['self_influence']:>14.4g}  {loss}  "
