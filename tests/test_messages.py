@@ -50,6 +50,8 @@ def test_self_influence_prints_the_head_of_its_ranking():
     ]
     text = screen_ranking(records, class_names=["zero", "one", "two"], top=2)
     lines = text.splitlines()
-    assert lines[0].startswith("lightning_fastif: the 2 training examples most likely mislabelled or atypical")
+    assert lines[0].startswith(
+        "lightning_fastif: the 2 training examples most likely mislabelled or atypical"
+    )
     assert lines[2].split() == ["1", "17", "9.5", "2", "0", "(zero)"]
     assert lines[3].split() == ["2", "3", "4.25", "1", "1", "(one)"] and len(lines) == 4
