@@ -55,3 +55,29 @@ def test_self_influence_prints_the_head_of_its_ranking():
     )
     assert lines[2].split() == ["1", "17", "9.5", "2", "0", "(zero)"]
     assert lines[3].split() == ["2", "3", "4.25", "1", "1", "(one)"] and len(lines) == 4
+
+
+def test_dependency_lines_nobody_can_act_on_are_dropped():
+    import warnings
+
+    from lightning_fastif.cli.support import _WANDB_ANONYMOUS, LightningInfoGate, quiet_dependency_noise
+
+    gate = LightningInfoGate()
+
+    def record(text):
+        return logging.LogRecord("lightning.pytorch", logging.INFO, "", 0, text, None, None)
+
+    assert not gate.filter(record("GPU available: False, used: False"))
+    assert not gate.filter(record("TPU available: False, using: 0 TPU cores"))
+    assert gate.filter(record("GPU available: True (cuda), used: True"))  # a GPU is worth a line
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_dependency_noise(wandb=True)
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning, stacklevel=1
+        )
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else"]
+    from wandb.errors import term
+
+    assert _WANDB_ANONYMOUS in term._printed_messages

@@ -362,12 +362,31 @@ class FastIFCLI(LightningCLI):
         if not stderr_is_interactive():  # output to a file or CI: no per-step progress bar updates
             parser.set_defaults({"trainer.enable_progress_bar": False})
 
+    def instantiate_classes(self) -> None:
+        from lightning_fastif.cli.support import quiet_dependency_noise
+
+        quiet_dependency_noise(
+            wandb="wandb" in str(self.config.get(self.config.get("subcommand"), "")).lower()
+        )
+        super().instantiate_classes()
+
     def _run_subcommand(self, subcommand: str) -> None:
         from lightning_fastif.cli.support import lightning_info_gate
 
         if subcommand in LightningCLI.subcommands():  # fit, test...: Lightning's start-up lines now
             lightning_info_gate(reset=False).release()
         super()._run_subcommand(subcommand)
+        if subcommand == "fit":  # the run folder of the training curves, as influence says its own
+            from lightning.pytorch.utilities import rank_zero_info
+
+            from lightning_fastif.reporting.callback import wandb_run_dir
+
+            where = wandb_run_dir(self.trainer.loggers)
+            if where:
+                rank_zero_info(
+                    f"lightning_fastif: the training curves are in the W&B run folder {where} (offline: upload "
+                    f"it with `wandb sync {where}`)"
+                )
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the checkpoint's hyper-parameters here: a file that is no checkpoint is a clear error."""

@@ -290,6 +290,31 @@ def stderr_is_interactive() -> bool:
         return False
 
 
+_DROPPED = (
+    "💡 Tip",
+    "GPU available: False",
+    "TPU available: False",
+)  # advertising; no accelerator: nothing to say
+_WANDB_ANONYMOUS = "The anonymous setting has no effect and will be removed in a future version."
+
+
+def quiet_dependency_noise(wandb: bool = False) -> None:
+    """Silence dependency lines a person cannot act on: Lightning's own ``_pytree`` deprecation and, with ``wandb``,
+    W&B's warning about the ``anonymous`` argument that Lightning's WandbLogger always passes."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if wandb:
+        try:
+            from wandb.errors import term
+
+            term._printed_messages.add(
+                _WANDB_ANONYMOUS
+            )  # wandb prints this one once (repeat=False): now never
+        except Exception:  # another wandb version: the line may show, nothing else changes
+            pass
+
+
 class LightningInfoGate:
     """A logging filter on Lightning's rank-zero logger: drops its advertising lines ("💡 Tip: ... litlogger") and,
     while holding, keeps its start-up lines ("Seed set to 0", "GPU available: ...") back, so that an error found
@@ -302,7 +327,7 @@ class LightningInfoGate:
 
     def filter(self, record: Any) -> bool:
         message = str(record.getMessage())
-        if message.startswith("💡 Tip"):
+        if message.startswith(_DROPPED):
             return False
         if not self.hold:
             return True
