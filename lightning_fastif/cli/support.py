@@ -221,7 +221,7 @@ def import_hint(text: str) -> str | None:
     return (
         f"`{module}` is not importable: Python looks for {top}.py (or a package {top}/) in the current folder "
         f"({os.getcwd()}) and on PYTHONPATH. Run from the folder that holds it, or put that folder on PYTHONPATH, "
-        f'e.g. `PYTHONPATH=/path/to/folder .venv/bin/lightning-fastif ...` (see docs/guide.md, "Your own model '
+        f'e.g. `PYTHONPATH=/path/to/folder .venv/bin/lightning-fastif ...` (see README.md, "Your own model '
         'and data").'
     )
 
