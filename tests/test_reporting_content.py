@@ -142,3 +142,13 @@ def test_jsonl_records_carry_training_labels_and_the_query_split(tmp_path: Path,
         assert r["helpful_ids"] or r["harmful_ids"]
         assert r["helpful_labels"] == [int(y[i]) for i in r["helpful_ids"]]
         assert r["harmful_labels"] == [int(y[i]) for i in r["harmful_ids"]]
+
+
+def test_self_influence_header_gives_long_values_a_whole_row_and_numbers_for_people():
+    from lightning_fastif.reporting.self_influence_html import render_self_influence_html
+
+    records = [{"rank": 1, "train_id": 4, "self_influence": 2.5, "loss": 0.3, "label": 1}]
+    long = "AutoSolver(damping='auto', cg_budget=100000000000.0, tol=9.999999999999999e-06)"
+    html = render_self_influence_html(records, summary={"solver settings": long, "seconds/solve": 1.5})
+    assert re.search(r'<div class="wide"><dt>solver settings</dt>', html)  # no overlap with its neighbours
+    assert "cg_budget=1e+11," in html and "tol=1e-05)" in html and "time of solve (s)" in html

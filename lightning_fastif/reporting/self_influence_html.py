@@ -17,7 +17,7 @@ from typing import Any
 
 from lightning_fastif._files import atomic_write_text
 from lightning_fastif.reporting._items import ClassNames, ExampleCache, check_class_names, format_label
-from lightning_fastif.reporting.html import _CSS, _e, _flatten, _num, _thumb, _value
+from lightning_fastif.reporting.html import _CSS, _e, _flatten, _num, _summary_html, _thumb
 from lightning_fastif.reporting.render import Decoder, Renderer
 
 __all__ = [
@@ -66,7 +66,6 @@ def render_self_influence_html(
     )
     items: list[tuple[str, Any]] = [("training examples ranked", len(records))]
     items.extend(_flatten(dict(summary or {})))
-    cells = "".join(f"<div><dt>{_e(str(k))}</dt><dd>{_e(_value(v))}</dd></div>" for k, v in items)
     tiles = []
     for rec in list(records)[:top]:
         view = cache.get(int(rec["train_id"]))
@@ -92,7 +91,7 @@ def render_self_influence_html(
             '<p class="sub">Self-influence = grad L(z) &middot; (C + &lambda;I)<sup>-1</sup> grad L(z) &ge; 0: how far '
             "the model had to bend to fit each training example. The highest are the likeliest to be mislabelled "
             "or atypical.</p>",
-            f'<dl class="summary">{cells}</dl></header><main>',
+            f"{_summary_html(items)}</header><main>",
             f'<section class="query" id="self-influence"><h2>{_e(SELF_INFLUENCE_TITLE)}</h2>',
             f'<p class="legend">top {min(top, len(records))} of {len(records)}, highest self-influence first</p>',
             '<div class="row">' + "".join(tiles) + "</div></section>",
@@ -207,7 +206,22 @@ def write_self_influence_outputs(
     out = Path(output_dir)
     write_self_influence_jsonl(out / "self_influence.jsonl", records)
     if report:
-        summary = {"solver": repr(im.solver), "parameters": im._theta()[1].numel}
+        from lightning_fastif.solvers.auto import solver_record
+
+        rec = solver_record(im.solver)
+        conv = rec.get("convergence") or {}
+        summary = {
+            "solver": rec["solver"]
+            + (f" (auto: {rec['solver_choice'].split(':')[0]})" if rec.get("solver_choice") else ""),
+            "curvature": rec.get("curvature"),
+            "damping": rec.get("damping"),
+            "converged": rec.get("converged")
+            if conv.get("value") is None
+            else f"{rec.get('converged')} ({conv.get('measure')} {_num(conv['value'], signed=False)})",
+            "parameters": im._theta()[1].numel,
+            "solver settings": rec["solver_config"],
+        }
+        summary = {k: v for k, v in summary.items() if v is not None}
         summary.update({f"seconds/{k}": round(v, 3) for k, v in im.timings.items()})
         write_self_influence_report(
             out / "self_influence.html",
