@@ -80,4 +80,4 @@ def test_dependency_lines_nobody_can_act_on_are_dropped():
     assert [str(w.message) for w in caught] == ["something else"]
     from wandb.errors import term
 
-    assert _WANDB_ANONYMOUS in term._printed_messages
+    assert f"{term.WARN_STRING} {_WANDB_ANONYMOUS}" in term._printed_messages

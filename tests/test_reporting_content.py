@@ -91,10 +91,10 @@ def test_the_header_answers_in_words_and_the_details_hold_only_the_querys_own():
         "What was explained2 queries of the test split, 1 of them predicted wrong: each query's 9 nearest training "
         "examples of 1,258 in feature space (FastIF's kNN) scored exactly.",
         "the influence of the loss CrossEntropyLoss(label_smoothing=0.1) from model.criterion",
-        "by the auto solver (cg (gauss_newton)) on the Gauss-Newton matrix of the training loss, damping 0.00205",
+        "by CG, the auto solver's choice, on the Gauss-Newton matrix of the training loss, damping 0.00205",
         "converged every solve converged (worst relative residual 3.1e-06, tolerance 1e-05).",
         "1 query carries a note (on its card).",
-        "How long1.75 s (s test 1.25 s, scoring 0.5 s)",
+        "How long1.75 s (s_test 1.25 s, scoring 0.5 s)",
     ):
         assert words in overview, (words, overview)
     settings = re.search(r'<details class="settings">(.*?)</details>', html, re.S).group(1)

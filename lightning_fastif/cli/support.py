@@ -308,9 +308,8 @@ def quiet_dependency_noise(wandb: bool = False) -> None:
         try:
             from wandb.errors import term
 
-            term._printed_messages.add(
-                _WANDB_ANONYMOUS
-            )  # wandb prints this one once (repeat=False): now never
+            # wandb prints this one once (repeat=False), keyed by its prefixed text: now never
+            term._printed_messages.add(f"{term.WARN_STRING} {_WANDB_ANONYMOUS}")
         except Exception:  # another wandb version: the line may show, nothing else changes
             pass
 

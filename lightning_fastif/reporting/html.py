@@ -254,7 +254,8 @@ def overview_html(records: Sequence[InfluenceResult], summary: Mapping[str, Any]
     damping = extra.get("damping")
     how = f"{_e(solver) or 'the solver'}"
     if choice:
-        how = f"the auto solver ({_e(choice.split(':')[0])})"
+        chosen = choice.split(":")[0].split(" (")[0]
+        how = f"{_e(chosen.upper() if len(chosen) <= 5 else chosen)}, the auto solver's choice,"
     how += f" on the {_e(curvature)} of the training loss"
     if isinstance(damping, int | float):
         how += f", damping {_e(_num(damping, signed=False))}"
@@ -287,9 +288,7 @@ def overview_html(records: Sequence[InfluenceResult], summary: Mapping[str, Any]
     took = ""
     if times:
         total = sum(v for v in times.values() if isinstance(v, int | float))
-        parts = ", ".join(
-            f"{_e(key.replace('_', ' '))} {_num(v, signed=False)} s" for key, v in times.items()
-        )
+        parts = ", ".join(f"{_e(key)} {_num(v, signed=False)} s" for key, v in times.items())
         took = f"<dt>How long</dt><dd>{_num(total, signed=False)} s ({parts})</dd>"
     return (
         '<dl class="overview">'
