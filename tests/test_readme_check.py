@@ -4,11 +4,13 @@ that the README itself keeps its promises (the CLI named where it lives, the fir
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("check_readme", ROOT / "scripts" / "check_readme.py")
 check_readme = importlib.util.module_from_spec(_spec)
+sys.modules["check_readme"] = check_readme  # dataclasses look their module up there
 _spec.loader.exec_module(check_readme)
 
 
