@@ -215,3 +215,16 @@ def test_an_own_module_in_the_current_folder_is_found(tmp_path, monkeypatch, cap
     argv = _influence(tmp_path, "--model.class_path=mymodule_here.MyNet", "--ckpt_path=missing.ckpt")
     _code, err = _fails(capsys, argv)
     assert "No module named" not in err and "missing.ckpt" in err, err
+
+
+def test_wandb_banners_are_quiet_unless_asked_for(monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    with pytest.raises(SystemExit):
+        main(["influence", "--help"])
+    assert (
+        os.environ["WANDB_SILENT"] == "true"
+    )  # lightning_fastif prints the run folder and `wandb sync` itself
+    monkeypatch.setenv("WANDB_SILENT", "false")
+    with pytest.raises(SystemExit):
+        main(["influence", "--help"])
+    assert os.environ["WANDB_SILENT"] == "false"

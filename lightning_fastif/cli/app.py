@@ -438,6 +438,9 @@ def main(args: list[str] | None = None) -> None:
     )
     from lightning_fastif.threads import set_num_threads
 
+    # W&B's own banners ("Tracking run...", "You can sync this run...") repeat what lightning_fastif says (the run
+    # folder and its `wandb sync` command): quiet unless the user asked for them
+    os.environ.setdefault("WANDB_SILENT", "true")
     if os.getcwd() not in sys.path:  # `class_path: mymodule.MyNet` finds ./mymodule.py, as `python -m` would
         sys.path.append(os.getcwd())  # (appended: it never shadows an installed package)
     gate = lightning_info_gate()  # Lightning's start-up lines wait until the command is under way
