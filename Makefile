@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,text]"
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e ".[test,text]"  # no setuptools editable-install banner
 	# LitGPT for the language-model tests, without its pins (huggingface-hub<1.4, jsonargparse<=4.41 clash with
 	# transformers 5 and the CLI's jsonargparse): litgpt.model and litgpt.config need nothing more
 	$(BIN)/python -m pip install --quiet --no-deps litgpt==0.5.13

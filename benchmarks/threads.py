@@ -1,8 +1,10 @@
-"""Side by side: ``examples/python_api.py`` with 1 thread, torch's default (one per core) and
-``lf.set_num_threads("auto")`` (what the CLI's ``--threads auto`` does), each in a fresh process, round-robin.
+"""Side by side: ``examples/python_api.py`` as written (no thread setting: since issue 20 the library lowers
+oversubscribed threads itself), with 1 thread, with torch's default of one thread per core forced (``OMP_NUM_THREADS``
+= the cores, which the library respects: what every Python user got before), and ``lf.set_num_threads("auto")``
+(what the CLI's ``--threads auto`` does), each in a fresh process, round-robin.
 
 Run: ``python benchmarks/threads.py [rounds]`` (default 2; about 1-10 min a round depending on the machine's load).
-Saves ``benchmarks/results/threads.json``. ``OMP_NUM_THREADS`` is removed from the children's environment: the point
+Saves ``benchmarks/results/threads.json``. ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` are removed from the children's environment: the point
 is what a user gets without knowing about it.
 """
 
@@ -19,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = (
     "import sys, runpy, torch, lightning_fastif as lf; mode = sys.argv[1]; "
     "n = lf.set_num_threads(1) if mode == '1' else (lf.set_num_threads('auto') if mode == 'auto' "
-    "else torch.get_num_threads()); print('threads', n, file=sys.stderr); "
-    "runpy.run_path('examples/python_api.py', run_name='__main__')"
+    "else torch.get_num_threads()); print('threads at start', n, file=sys.stderr); "
+    "runpy.run_path('examples/python_api.py', run_name='__main__'); "
+    "print('threads at end', torch.get_num_threads(), file=sys.stderr)"
 )
 
 
@@ -28,8 +31,10 @@ def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     rows = []
     for rnd in range(rounds):
-        for mode in ("1", "default", "auto"):
-            env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        for mode in ("as_written", "all_cores", "1", "auto"):
+            env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+            if mode == "all_cores":  # torch's default, chosen explicitly: the library leaves it alone
+                env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
             load = os.getloadavg()[0]
             start = time.perf_counter()
             proc = subprocess.run(
@@ -37,6 +42,7 @@ def main() -> None:
             )
             seconds = time.perf_counter() - start
             threads = [line for line in proc.stderr.splitlines() if line.startswith("threads")]
+            said = [line for line in proc.stderr.splitlines() if "CPU threads" in line]
             rows.append(
                 {
                     "round": rnd,
@@ -44,7 +50,8 @@ def main() -> None:
                     "seconds": round(seconds, 1),
                     "load1_at_start": round(load, 2),
                     "rc": proc.returncode,
-                    "threads": threads[0] if threads else None,
+                    "threads": threads,
+                    "library_said": said[0] if said else None,
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

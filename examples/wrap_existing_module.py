@@ -70,6 +70,8 @@ def main() -> None:
             f"query {r.query_id} (label {r.label}, predicted {r.prediction}): helpful {r.helpful_ids}, "
             f"harmful {r.harmful_ids}"
         )
+        for flag in r.flags:  # e.g. why a list is empty
+            print(f"    {flag}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class InfluenceResult:
         extra: free-form JSON-serialisable details (timings, solver diagnostics...).
         group: for a group query (the mean loss of several queries), the members' query ids; ``None`` otherwise.
         loss: the per-example loss the influence is of, in words (``"CrossEntropyLoss(label_smoothing=0.1) from
-            model.criterion"``, ``"default cross-entropy (no loss found on the model)"``, ``"loss_fn (...)"``).
+            model.criterion"``, ``"cross-entropy on the logits (the default: the model stores no loss module)"``, ``"loss_fn (...)"``).
         flags: warnings about this query, each ``"<kind>: <explanation>"``; e.g. ``"saturated_query: loss 0,
             gradient 0, every score is 0"``. Empty when nothing is wrong.
         helpful_labels / harmful_labels: the labels of the listed training examples (filled by ``InfluenceWriter``

@@ -5,6 +5,11 @@ ranks) those threads spin-wait on each other: measured on a loaded 2-core machin
 591 s with torch's default against 74 s with one thread. ``"auto"`` takes the cores this process may use
 (``os.sched_getaffinity``) minus the ones already busy (the 1-minute load average), at least 1 and at most 4 (past 4
 threads the small matrix products of influence scoring stop getting faster).
+
+The CLI sets threads itself (``--threads auto``). From Python, :func:`guard_oversubscription` (called when an
+``InfluenceModule`` is built) does the same once per process when nobody chose: if torch would use more threads than
+there are free cores and neither ``OMP_NUM_THREADS`` nor :func:`set_num_threads` said otherwise, it lowers torch's
+threads to :func:`default_threads` and says so in one line, with how to choose another count.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import os
 
 from lightning_fastif.errors import ConfigurationError
 
-__all__ = ["MAX_AUTO_THREADS", "default_threads", "set_num_threads"]
+__all__ = ["MAX_AUTO_THREADS", "default_threads", "guard_oversubscription", "set_num_threads"]
 
 MAX_AUTO_THREADS = 4
+_GUARDED = False  # guard_oversubscription acts at most once per process
 
 
 def _available_cores() -> int:
@@ -35,10 +41,7 @@ def default_threads() -> int:
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = _available_cores()
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
+    busy = _load()
     free = math.floor(cores - busy + 0.5)
     return max(1, min(MAX_AUTO_THREADS, cores, free))
 
@@ -76,3 +79,43 @@ def set_num_threads(threads: int | str | None = "auto") -> int:
         pass
     os.environ["OMP_NUM_THREADS"] = str(n)  # DDP ranks started later (popen re-runs the script) inherit it
     return n
+
+
+def guard_oversubscription() -> str | None:
+    """Lower torch's CPU threads to :func:`default_threads` when they outnumber the free cores and nobody chose.
+
+    Nobody chose means ``OMP_NUM_THREADS`` is unset (:func:`set_num_threads` and the CLI's ``--threads`` set it).
+    Acts once per process; later calls do nothing.
+
+    Returns:
+        The one-line message that was logged when the thread count was lowered, else None.
+    """
+    global _GUARDED
+    if _GUARDED:
+        return None
+    _GUARDED = True
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    import torch
+
+    current, best = torch.get_num_threads(), default_threads()
+    if current <= best:
+        return None
+    set_num_threads(best)
+    message = (
+        f"lightning_fastif: torch would use {current} CPU threads but only {best} of this machine's "
+        f"{_available_cores()} cores are free (load {_load():.1f}): oversubscribed threads wait on each other "
+        f"(measured 6x slower), so torch now uses {best}. To choose yourself, call lf.set_num_threads(n) or set "
+        "OMP_NUM_THREADS before starting Python."
+    )
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(message)
+    return message
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0

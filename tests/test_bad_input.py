@@ -383,7 +383,10 @@ def test_saturated_query_is_flagged_and_the_flag_is_serialised(tmp_path):
     ]
     assert r.flags and r.helpful_ids == [] and r.harmful_ids == []
     line = json.loads(json.dumps(r.to_dict()))
-    assert line["flags"] == r.flags and line["loss"] == "default cross-entropy (no loss found on the model)"
+    assert (
+        line["flags"] == r.flags
+        and line["loss"] == "cross-entropy on the logits (the default: the model stores no loss module)"
+    )
     assert lf.InfluenceResult.from_dict(line).flags == r.flags
 
 

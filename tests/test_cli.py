@@ -31,8 +31,15 @@ def _debug(monkeypatch):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """fit (with the index callback) on digits, once for the module: a few epochs only."""
+    import logging
+
     root = tmp_path_factory.mktemp("digits")
     os.environ["WANDB_MODE"] = "offline"
+    said: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = said.append  # type: ignore[method-assign]
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addHandler(handler)
     _run(
         "fit",
         "-c",
@@ -43,6 +50,8 @@ def digits_run(tmp_path_factory):
         "--trainer.max_epochs=4",
         *QUIET,
     )
+    rank_zero.removeHandler(handler)
+    (root / "fit_messages.txt").write_text("\n".join(r.getMessage() for r in said))
     yield root
     import wandb
 
@@ -107,6 +116,15 @@ def test_digits_fit_influence_evaluate_with_wandb_offline(digits_run, caplog):
         ev["solver_agreement"]["spearman"] >= 0.99
     )  # the default (auto: Exact on the head) vs a tight reference
     assert len(ev["leave_one_out"]["actual"]) == 3
+
+
+def test_fit_announces_its_wandb_run_folder(digits_run):
+    said = (digits_run / "fit_messages.txt").read_text()
+    assert re.search(
+        r"training curves are in the W&B run folder \S*/wandb/offline-run-\S+ \(offline: upload it with "
+        r"`wandb sync ",
+        said,
+    ), said
 
 
 def test_index_subcommand_rebuilds_the_fit_index(digits_run, tmp_path):

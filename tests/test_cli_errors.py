@@ -108,12 +108,61 @@ def test_a_configuration_error_at_run_time_exits_2_with_the_message_alone(tmp_pa
 
 def test_influence_help_lists_the_library_options_before_lightnings(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["influence", "--help"])
+        main(["influence", "--help-all"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     own = [out.index(f"  --{name} ") for name in ("ckpt_path", "index_dir", "output_dir", "top_k")]
     assert max(own) < out.index("--trainer.accelerator") < out.index("--model ")
     assert len(out.splitlines()[0]) < 160  # the usage line no longer lists every option
+
+
+def test_influence_help_is_short_and_lists_threads_and_debug(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["influence", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--top_k" in out and "--queries.n" in out and "--trainer.accelerator" not in out
+    assert "--threads N|auto" in out and "--debug" in out and "--help-all" in out
+    assert len(out.splitlines()) < 150, len(out.splitlines())  # was 529 with Lightning's options
+
+
+def _fresh(argv: list[str]) -> tuple[str, str]:
+    """Run ``lightning_fastif.cli.main`` (the console script) in a fresh interpreter: (stderr, what it reports)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom lightning_fastif.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n    print('exit', e.code, 'lightning imported:', 'lightning' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    return proc.stderr, proc.stdout.strip()
+
+
+def test_a_mistyped_subcommand_says_did_you_mean_before_importing_lightning():
+    err, report = _fresh(["influense", "-c", "configs/digits.yaml"])
+    assert report == "exit 2 lightning imported: False"
+    assert err.strip().startswith(
+        "lightning-fastif: error: unknown subcommand 'influense'; did you mean influence?"
+    ), err
+
+
+def test_a_missing_config_file_is_named_before_importing_lightning():
+    err, report = _fresh(["influence", "-c", "configs/digit.yaml", "--threads", "2"])
+    assert report == "exit 2 lightning imported: False"
+    assert "Expected `-c` to name a config file, but 'configs/digit.yaml' does not exist" in err
+    assert "did you mean configs/digits.yaml?" in err
+    err, report = _fresh(["--threads", "many", "influence"])
+    assert report == "exit 2 lightning imported: False" and "but got 'many'" in err
+
+
+def test_the_early_subcommand_list_is_the_clis():
+    from lightning_fastif.cli.app import FastIFCLI
+    from lightning_fastif.cli.support import SUBCOMMANDS
+
+    assert set(SUBCOMMANDS) == set(FastIFCLI.subcommands())
 
 
 def test_threads_option_sets_torch_threads_and_rejects_bad_values(capsys):
@@ -188,3 +237,34 @@ def test_a_full_disk_while_writing_results_is_one_line_naming_the_file():
         "lightning-fastif influence: error: Expected to append results to 'out/influence.jsonl', but the write "
         "failed: No space"
     )
+
+
+def test_an_own_module_that_python_cannot_import_says_what_to_do(tmp_path, capsys):
+    code, err = _fails(capsys, _influence(tmp_path, "--model.class_path=mymodule_nowhere.MyNet"))
+    assert code == 2
+    assert "No module named 'mymodule_nowhere'" in err
+    assert "Run from the folder that holds it, or put that folder on PYTHONPATH" in err
+
+
+def test_an_own_module_in_the_current_folder_is_found(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodule_here.py").write_text(
+        "from lightning_fastif.zoo.digits import DigitsClassifier\n\n\nclass MyNet(DigitsClassifier):\n    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    argv = _influence(tmp_path, "--model.class_path=mymodule_here.MyNet", "--ckpt_path=missing.ckpt")
+    _code, err = _fails(capsys, argv)
+    assert "No module named" not in err and "missing.ckpt" in err, err
+
+
+def test_wandb_banners_are_quiet_unless_asked_for(monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    with pytest.raises(SystemExit):
+        main(["influence", "--help"])
+    assert (
+        os.environ["WANDB_SILENT"] == "true"
+    )  # lightning_fastif prints the run folder and `wandb sync` itself
+    monkeypatch.setenv("WANDB_SILENT", "false")
+    with pytest.raises(SystemExit):
+        main(["influence", "--help"])
+    assert os.environ["WANDB_SILENT"] == "false"

@@ -92,7 +92,7 @@ def test_bn_cnn_index_at_fit_end_then_knn_predict_agrees_with_float64_reference(
     )
     results = [r for b in _trainer().predict(im, DataLoader(TensorDataset(*query), batch_size=4)) for r in b]
     assert len(results) == 4 and all(r.num_candidates == 12 for r in results)
-    assert results[0].loss == "default cross-entropy (no loss found on the model)"
+    assert results[0].loss == "cross-entropy on the logits (the default: the model stores no loss module)"
     names = ["fc.weight", "fc.bias"]
     _check_results_agree(
         results,

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["influence_map_html", "influence_map_svg", "map_layout"]
+__all__ = ["influence_map_html", "influence_map_svg", "map_layout", "map_legend"]
 
 _KINDS = {"helpful": "#2da44e", "harmful": "#cf222e"}
 _GROUP_COLOURS = ["#0969da", "#bf8700", "#8250df", "#1b7c83", "#e16f24", "#cf4a9c", "#57606a", "#116329"]
@@ -238,8 +238,27 @@ def influence_map_html(records: Sequence[Any], class_names: Any = None, train_lo
     return (
         '<div class="influence-map" style="margin:20px 0;padding:16px 18px;background:#fff;'
         'border:1px solid #d0d7de;border-radius:10px"><h2>Influence map</h2>'
-        '<p class="legend">Queries on the circle (grouped by label, ringed by group); each training example sits '
-        "where its influence pulls (the |influence|-weighted mean of its queries' positions); edge width ∝ "
-        "|influence|. Hover a node for its id and scores.</p>"
+        '<p class="legend">Each query is a white node on the circle, labelled with its id; the training examples '
+        "that most helped (left, green) or most hurt (right, red) it sit inside, where their influence pulls (the "
+        "|influence|-weighted mean of the positions of the queries they influence), joined to those queries by "
+        "lines as thick as |influence|. Hover a node for its id, label and scores.</p>"
+        f"{map_legend(records, class_names)}"
         f'<div style="overflow-x:auto">{svg}</div></div>'
     )
+
+
+def map_legend(records: Sequence[Any], class_names: Any = None) -> str:
+    """The key of the map: what the node colours mean and which label each query ring colour stands for."""
+    groups = sorted({g for *_, g in map_layout(records, "helpful")["queries"]}, key=str)
+    dot = '<span style="display:inline-block;width:11px;height:11px;border-radius:50%;vertical-align:-1px;'
+    items = [
+        f'{dot}background:{_KINDS["helpful"]}"></span> helpful training example',
+        f'{dot}background:{_KINDS["harmful"]}"></span> harmful training example',
+    ]
+    for i, g in enumerate(groups):
+        colour = _GROUP_COLOURS[i % len(_GROUP_COLOURS)]
+        label = int(g) if g.lstrip("-").isdigit() else g
+        what = "query without a label" if g == "None" else f"query labelled {_name(label, class_names)}"
+        items.append(f'{dot}background:#fff;border:3px solid {colour}"></span> {_e(what)}')
+    cells = "".join(f'<span style="margin-right:16px;white-space:nowrap">{item}</span>' for item in items)
+    return f'<p class="legend map-key" style="line-height:1.9"><b>Key:</b> {cells}</p>'

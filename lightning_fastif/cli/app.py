@@ -132,8 +132,8 @@ class InfluenceTrainer(pl.Trainer):
             ckpt_path: checkpoint to load.
             index_dir: the candidate index folder (from fit with FeatureIndexCallback or the ``index`` subcommand).
             output_dir: where results go.
-            solver: AutoSolver (default: Exact when the dense system fits, else EK-FAC, else CG on Gauss-Newton,
-                damping "auto"), ExactSolver, CGSolver, LiSSASolver, EKFACSolver or KFACSolver.
+            solver: AutoSolver (default: Exact when the dense system fits, else CG on Gauss-Newton when affordable,
+                else EK-FAC, else CG; damping "auto"), ExactSolver, CGSolver, LiSSASolver, EKFACSolver or KFACSolver.
             params: glob patterns of the parameters to differentiate (default: all trainable).
             num_candidates: k nearest training examples scored per query (null: the whole training set).
             top_k: helpful and harmful examples kept per query.
@@ -388,12 +388,31 @@ class FastIFCLI(LightningCLI):
         if not stderr_is_interactive():  # output to a file or CI: no per-step progress bar updates
             parser.set_defaults({"trainer.enable_progress_bar": False})
 
+    def instantiate_classes(self) -> None:
+        from lightning_fastif.cli.support import quiet_dependency_noise
+
+        quiet_dependency_noise(
+            wandb="wandb" in str(self.config.get(self.config.get("subcommand"), "")).lower()
+        )
+        super().instantiate_classes()
+
     def _run_subcommand(self, subcommand: str) -> None:
         from lightning_fastif.cli.support import lightning_info_gate
 
         if subcommand in LightningCLI.subcommands():  # fit, test...: Lightning's start-up lines now
             lightning_info_gate(reset=False).release()
         super()._run_subcommand(subcommand)
+        if subcommand == "fit":  # the run folder of the training curves, as influence says its own
+            from lightning.pytorch.utilities import rank_zero_info
+
+            from lightning_fastif.reporting.callback import wandb_run_dir
+
+            where = wandb_run_dir(self.trainer.loggers)
+            if where:
+                rank_zero_info(
+                    f"lightning_fastif: the training curves are in the W&B run folder {where} (offline: upload "
+                    f"it with `wandb sync {where}`)"
+                )
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the checkpoint's hyper-parameters here: a file that is no checkpoint is a clear error."""
@@ -433,21 +452,37 @@ def main(args: list[str] | None = None) -> None:
     also ``LIGHTNING_FASTIF_DEBUG=1``). An error prints one line (exit code 2 for usage and configuration errors).
     """
     from lightning_fastif.cli.support import (
+        HELP,
+        USAGE_EXIT,
         UsageError,
         debug_requested,
         describe,
+        early_error,
         lightning_info_gate,
+        pop_flag,
         pop_option,
     )
     from lightning_fastif.threads import set_num_threads
 
+    # W&B's own banners ("Tracking run...", "You can sync this run...") repeat what lightning_fastif says (the run
+    # folder and its `wandb sync` command): quiet unless the user asked for them
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if os.getcwd() not in sys.path:  # `class_path: mymodule.MyNet` finds ./mymodule.py, as `python -m` would
+        sys.path.append(os.getcwd())  # (appended: it never shadows an installed package)
     gate = lightning_info_gate()  # Lightning's start-up lines wait until the command is under way
     argv = list(sys.argv[1:] if args is None else args)
     debug = debug_requested(argv)
     debug_before = os.environ.get("LIGHTNING_FASTIF_DEBUG")
     if debug:
         os.environ["LIGHTNING_FASTIF_DEBUG"] = "1"  # DDP ranks re-run the command without the flag
+    HELP["all"] = pop_flag(argv, "--help-all")
+    if HELP["all"]:
+        argv.append("--help")
     try:
+        early = early_error(argv)
+        if early:  # also found by lightning_fastif.cli.main before importing Lightning
+            print(early, file=sys.stderr)
+            sys.exit(USAGE_EXIT)
         threads = pop_option(argv, "--threads")
         for i, arg in enumerate(
             argv

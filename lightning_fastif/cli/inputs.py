@@ -184,6 +184,14 @@ def _select_queries(
             if len(wrong) >= sel.n:
                 break
     model.train(was)
+    if len(wrong) < sel.n:  # fewer queries than asked for is not silent
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(
+            f"lightning_fastif: queries.n={sel.n} asked for, but the model gets only {len(wrong)} of the {n} "
+            f"{sel.split} examples wrong: explaining those {len(wrong)} (`--queries.select=first` or "
+            "`--queries.select=ids` explains correct ones too)."
+        )
     return wrong[: sel.n]
 
 

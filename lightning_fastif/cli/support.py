@@ -17,6 +17,27 @@ from typing import Any
 DEBUG_ENV = "LIGHTNING_FASTIF_DEBUG"
 USAGE_EXIT = 2  # usage and configuration errors, as argparse
 FAILURE_EXIT = 1
+SUBCOMMANDS = (
+    "fit",
+    "validate",
+    "test",
+    "predict",
+    "index",
+    "influence",
+    "evaluate",
+    "correct",
+    "self-influence",
+)
+"""Every subcommand, known without importing Lightning (a test keeps it equal to ``FastIFCLI.subcommands()``)."""
+_TOP_OPTIONS_WITH_VALUE = ("-c", "--config", "--threads")
+_FLAGS = ("-h", "--help", "--help-all", "--debug", "--print_config")
+HELP = {"all": False}  # ``--help-all``: Lightning's options too (main() sets it)
+OWN_OPTIONS_HELP = """lightning-fastif's own options (before or after the subcommand):
+  --threads N|auto      CPU threads of torch and FAISS (default auto: the cores not already busy, at most 4;
+                        OMP_NUM_THREADS wins when set).
+  --debug               show the traceback of an error (also LIGHTNING_FASTIF_DEBUG=1).
+  --help-all            this help with Lightning's trainer, model, data, optimizer and scheduler options
+                        ({hidden} more lines)."""
 
 
 def pop_flag(argv: list[str], flag: str) -> bool:
@@ -53,6 +74,66 @@ def debug_requested(argv: list[str]) -> bool:
 
 class UsageError(Exception):
     """A command-line mistake caught before Lightning's parser (exit code 2)."""
+
+
+def early_error(argv: list[str]) -> str | None:
+    """The one-line error for mistakes found without importing Lightning (seconds of imports saved), else None.
+
+    Checks the subcommand's name ("did you mean"), that every ``-c``/``--config`` file exists, and ``--threads``.
+    """
+    subcommand, i = None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _TOP_OPTIONS_WITH_VALUE:
+            value = argv[i + 1] if i + 1 < len(argv) else None
+            problem = _option_value_problem(arg, value)
+            if problem:
+                return f"{_prog(subcommand)}: error: {problem}"
+            i += 2
+            continue
+        if arg.startswith(tuple(o + "=" for o in _TOP_OPTIONS_WITH_VALUE)):
+            name, value = arg.split("=", 1)
+            problem = _option_value_problem(name, value)
+            if problem:
+                return f"{_prog(subcommand)}: error: {problem}"
+        elif subcommand is None and arg.startswith("-") and "=" not in arg and arg not in _FLAGS:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("-") and argv[i + 1] not in SUBCOMMANDS:
+                i += 1  # another option's value (`--seed_everything 1`), not a subcommand
+        elif subcommand is None and not arg.startswith("-"):
+            if arg not in SUBCOMMANDS:
+                close = difflib.get_close_matches(arg, SUBCOMMANDS, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                return (
+                    f"lightning-fastif: error: unknown subcommand {arg!r}{hint} (the subcommands: "
+                    f"{', '.join(SUBCOMMANDS)}; see `lightning-fastif --help`)"
+                )
+            subcommand = arg
+        i += 1
+    return None
+
+
+def _prog(subcommand: str | None) -> str:
+    return f"lightning-fastif {subcommand}" if subcommand else "lightning-fastif"
+
+
+def _option_value_problem(name: str, value: str | None) -> str | None:
+    if value is None:
+        return f"Expected a value after `{name}`, but got none."
+    if name == "--threads":
+        if value != "auto" and not (value.isdigit() and int(value) > 0):
+            return f"Expected `threads` to be a positive int or 'auto', but got {value!r}."
+        return None
+    path = os.path.expanduser(value)
+    if value.lstrip().startswith(("{", "[")) or "\n" in value:  # an inline config, not a file
+        return None
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        close = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.6)
+        hint = f"; did you mean {os.path.join(os.path.dirname(value), close[0])}?" if close else ""
+        where = "" if os.path.isabs(value) else f" (relative to {os.getcwd()})"
+        return f"Expected `{name}` to name a config file, but {value!r} does not exist{where}{hint}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -121,6 +202,9 @@ def describe(err: BaseException, argv: list[str], parsers: dict[str, Any]) -> tu
                 if guess:
                     hints.append(f"did you mean {guess}?")
             text = "unrecognized arguments: " + match.group(1) + ("; " + " ".join(hints) if hints else "")
+        hint = import_hint(text)
+        if hint:
+            return USAGE_EXIT, f"{prog}: error: {text}\n{hint}"
         return USAGE_EXIT, f"{prog}: error: {text}\n(see `{prog} --help`)"
     name = type(err).__module__.split(".")[0]
     if name == "lightning" and type(err).__name__ == "MisconfigurationException":
@@ -143,6 +227,21 @@ def config_error_message(err: BaseException) -> str:
         )
     return (
         f"Expected a valid configuration, but {where} could not be resolved ({type(err).__name__}: {first})."
+    )
+
+
+def import_hint(text: str) -> str | None:
+    """What to do when a ``class_path`` names a module Python cannot import (``No module named 'mymodule'``)."""
+    match = re.search(r"No module named '([\w.]+)'", text)
+    if not match:
+        return None
+    module = match.group(1)
+    top = module.split(".")[0]
+    return (
+        f"`{module}` is not importable: Python looks for {top}.py (or a package {top}/) in the current folder "
+        f"({os.getcwd()}) and on PYTHONPATH. Run from the folder that holds it, or put that folder on PYTHONPATH, "
+        f'e.g. `PYTHONPATH=/path/to/folder .venv/bin/lightning-fastif ...` (see README.md, "Your own model '
+        'and data").'
     )
 
 
@@ -184,9 +283,23 @@ def own_groups_first(parser: Any, own: Iterable[str]) -> None:
         return
     rest = [g for g in groups if g not in head and g not in mine]
     parser._action_groups = head + mine + rest
-    parser.usage = (
-        "%(prog)s [-c CONFIG] [--OPTION VALUE ...]   (the subcommand's options first, then Lightning's)"
-    )
+    parser.usage = "%(prog)s [-c CONFIG] [--OPTION VALUE ...]"
+    full_help = parser.format_help
+
+    def format_help() -> str:
+        """The subcommand's own options and lightning-fastif's; Lightning's hundreds only with ``--help-all``."""
+        if HELP["all"]:
+            return full_help()
+        everything = full_help()
+        parser._action_groups = head + mine
+        try:
+            short = full_help().rstrip("\n")
+        finally:
+            parser._action_groups = head + mine + rest
+        hidden = everything.count("\n") - short.count("\n")
+        return f"{short}\n\n{OWN_OPTIONS_HELP.format(hidden=hidden)}\n"
+
+    parser.format_help = format_help
 
 
 def stderr_is_interactive() -> bool:
@@ -194,6 +307,30 @@ def stderr_is_interactive() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+_DROPPED = (
+    "💡 Tip",
+    "GPU available: False",
+    "TPU available: False",
+)  # advertising; no accelerator: nothing to say
+_WANDB_ANONYMOUS = "The anonymous setting has no effect and will be removed in a future version."
+
+
+def quiet_dependency_noise(wandb: bool = False) -> None:
+    """Silence dependency lines a person cannot act on: Lightning's own ``_pytree`` deprecation and, with ``wandb``,
+    W&B's warning about the ``anonymous`` argument that Lightning's WandbLogger always passes."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if wandb:
+        try:
+            from wandb.errors import term
+
+            # wandb prints this one once (repeat=False), keyed by its prefixed text: now never
+            term._printed_messages.add(f"{term.WARN_STRING} {_WANDB_ANONYMOUS}")
+        except Exception:  # another wandb version: the line may show, nothing else changes
+            pass
 
 
 class LightningInfoGate:
@@ -208,7 +345,7 @@ class LightningInfoGate:
 
     def filter(self, record: Any) -> bool:
         message = str(record.getMessage())
-        if message.startswith("💡 Tip"):
+        if message.startswith(_DROPPED):
             return False
         if not self.hold:
             return True

@@ -62,7 +62,7 @@ _HOW_TO = (
     "reads: `(x, y)` or a dict with `labels`, where `model(x)` returns logits `[B, C]` (or an object with `.logits`)."
 )
 
-DEFAULT_DESCRIPTION = "default cross-entropy (no loss found on the model)"
+DEFAULT_DESCRIPTION = "cross-entropy on the logits (the default: the model stores no loss module)"
 _CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
 _SETTINGS = (
     "label_smoothing",

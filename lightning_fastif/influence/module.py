@@ -54,6 +54,7 @@ from lightning_fastif.influence.tokens import (
 from lightning_fastif.influence.trust import curvature_state, trusted
 from lightning_fastif.results import InfluenceResult
 from lightning_fastif.retrieval.features import check_pooling
+from lightning_fastif.threads import guard_oversubscription
 
 __all__ = ["InfluenceModule"]
 
@@ -162,6 +163,7 @@ class InfluenceModule(pl.LightningModule):
             collate_fn=collate_fn,
             progress=progress,
         )
+        guard_oversubscription()  # a Python user gets the CLI's thread choice on a busy machine, and is told
         self.curvature_mode = curvature
         self.candidates = candidates
         self.model = model

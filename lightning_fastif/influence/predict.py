@@ -122,4 +122,11 @@ def result_flags(query_loss: float, helpful_ids: Tensor, harmful_ids: Tensor) ->
         )
     elif helpful_ids.numel() == 0 and harmful_ids.numel() == 0:
         flags.append("no_influence: every candidate's score is 0 (the query's gradient is 0)")
+    elif harmful_ids.numel() == 0:
+        flags.append(
+            "no_harmful: no candidate has a positive score: every candidate scored helps this query (common for "
+            "a confident, correct prediction whose candidates are its own class; more candidates may find some)"
+        )
+    elif helpful_ids.numel() == 0:
+        flags.append("no_helpful: no candidate has a negative score: every candidate scored hurts this query")
     return flags

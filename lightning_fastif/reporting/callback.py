@@ -178,14 +178,16 @@ class InfluenceReport(pl.Callback):
             rank_zero_info(
                 f"lightning_fastif: HTML report of {len(self.results)} queries in {self.html_path}"
             )
-        if self.wandb:
+        if self.wandb and not trainer.loggers:  # logging turned off (`logger: false`): nothing to warn about
+            self.wandb_skipped = "no logger (logging is off)"
+        elif self.wandb:
             from lightning_fastif.reporting.wandb_table import log_to_wandb
 
             self.wandb_skipped = log_to_wandb(
                 trainer.loggers, self.results, train, queries, summary=summary, **settings
             )
             if self.wandb_skipped is None:
-                where = _wandb_run_dir(trainer.loggers)
+                where = wandb_run_dir(trainer.loggers)
                 rank_zero_info(
                     "lightning_fastif: logged the influence table to W&B"
                     + (
@@ -202,7 +204,7 @@ def _is_wandb(logger: Any) -> bool:
     return callable(getattr(logger, "log_table", None)) and hasattr(type(logger), "experiment")
 
 
-def _wandb_run_dir(loggers: Sequence[Any]) -> str | None:
+def wandb_run_dir(loggers: Sequence[Any]) -> str | None:
     """The run folder of the first W&B logger (``.../wandb/offline-run-...``), or None."""
     for logger in loggers:
         if _is_wandb(logger):

@@ -11,6 +11,7 @@ import html
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ overflow:hidden;text-overflow:ellipsis}
 figcaption .k{color:#57606a}
 .none{color:#8c959f;font-style:italic}
 details{margin-top:10px;color:#57606a;font-size:12px}details pre{white-space:pre-wrap;margin:4px 0}
+details.settings{font-size:13px}details.settings summary{cursor:pointer;font-weight:600}
+dl.overview{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:14px 0 8px;padding:12px 16px;
+background:#fff;border:1px solid #d0d7de;border-radius:8px;font-size:15px}
+dl.overview dt{color:#57606a;font-weight:600}dl.overview dd{margin:0}
 footer{margin-top:24px;color:#8c959f;font-size:12px}
 """
 
@@ -147,12 +152,12 @@ def render_html_report(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}{TOKEN_CSS}</style></head><body>",
         f"<header><h1>{_e(title)}</h1>",
-        f'<p class="sub">{len(records)} quer{"y" if len(records) == 1 else "ies"}</p>',
         '<p class="legend">Influence I(z, z<sub>test</sub>) = −∇L(z)·s<sub>test</sub>: '
         "<b>negative = helpful</b> (up-weighting z lowers the query's loss), "
         "<b>positive = harmful</b>. Helpful examples are listed most negative first, harmful most positive first.</p>",
+        overview_html(records, summary),
         _explanations_html(records, summary),
-        _summary_html(head),
+        f'<details class="settings"><summary>All settings of this run</summary>{_summary_html(head)}</details>',
         "</header><main>",
     ]
     from lightning_fastif.applications.influence_map import influence_map_html  # issue 12: the influence map
@@ -197,10 +202,8 @@ def _query_html(
     if result.flags:
         rows.append(("flags", '<span class="flags">' + "<br>".join(_e(f) for f in result.flags) + "</span>"))
     meta = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-    details = [("loss function", result.loss or "–"), ("flags", "; ".join(result.flags) or "none")]
-    details += [(k, v) for k, v in _flatten(result.extra)]
-    shown = {*result.extra, *(("loss",) if result.loss else ())}
-    details += [(k, v) for k, v in _flatten(run_details or {}) if k not in shown]
+    details = [("flags", "; ".join(result.flags) or "none")]
+    details += [(k, _tidy(_value(v))) for k, v in _flatten(result.extra) if k.split("/")[0] not in _RUN_KEYS]
     if result.query_split:
         details.insert(0, ("query split", result.query_split))
     lines = "\n".join(f"{k}: {v}" for k, v in details)
@@ -212,6 +215,104 @@ def _query_html(
         f"{_tiles('helpful', result.helpful_ids, result.helpful_scores, result.helpful_distances, train, class_names, tokens)}"
         f"{_tiles('harmful', result.harmful_ids, result.harmful_scores, result.harmful_distances, train, class_names, tokens)}"
         "</section>"
+    )
+
+
+_RUN_KEYS = {"solver", "solver_config", "curvature", "damping", "solver_choice", "candidates"}
+"""Record fields that are the run's (said once, in the header), not the query's."""
+
+
+def overview_html(records: Sequence[InfluenceResult], summary: Mapping[str, Any] | None) -> str:
+    """The header's answers, in words: what was explained, with which loss and curvature, can it be trusted, and
+    how long it took. The settings themselves are under a fold below it."""
+    summary = summary or {}
+    if not records:
+        return '<p class="overview">No query was explained.</p>'
+    n = len(records)
+    wrong = sum(
+        1
+        for r in records
+        if isinstance(r.label, numbers.Integral)
+        and isinstance(r.prediction, numbers.Integral)
+        and r.label != r.prediction
+    )
+    splits = sorted({r.query_split for r in records if r.query_split})
+    what = f"{n} quer{'y' if n == 1 else 'ies'}"
+    if splits:
+        what += f" of the {' and '.join(splits)} split"
+    if wrong:
+        what += f", {wrong} of {'it' if n == 1 else 'them'} predicted wrong"
+    n_train = summary.get("training examples")
+    extra = records[0].extra or {}
+    space = {"features": "feature space (FastIF's kNN)", "gradients": "gradient-sketch space"}.get(
+        str(extra.get("candidates", "features")), str(extra.get("candidates"))
+    )
+    k = records[0].num_candidates
+    if isinstance(n_train, numbers.Integral) and k >= n_train:
+        scored = f"every one of the {n_train:,} training examples scored"
+    else:
+        of = f" of {n_train:,}" if isinstance(n_train, numbers.Integral) else ""
+        scored = f"each query's {k:,} nearest training examples{of} in {space} scored exactly"
+    loss = records[0].loss or summary.get("loss") or "not recorded"
+    solver = str(extra.get("solver") or "")
+    choice = str(extra.get("solver_choice") or "")
+    curvature = {"gauss_newton": "Gauss-Newton matrix", "hessian": "Hessian"}.get(
+        str(extra.get("curvature")), str(extra.get("curvature") or "curvature")
+    )
+    damping = extra.get("damping")
+    how = f"{_e(solver) or 'the solver'}"
+    if choice:
+        chosen = choice.split(":")[0].split(" (")[0]
+        how = f"{_e(chosen.upper() if len(chosen) <= 5 else chosen)}, the auto solver's choice,"
+    how += f" on the {_e(curvature)} of the training loss"
+    if isinstance(damping, int | float):
+        how += f", damping {_e(_num(damping, signed=False))}"
+    verdicts = [r.extra.get("converged") for r in records]
+    bad = [r for r, c in zip(records, verdicts, strict=True) if c is False]
+    worst = max(
+        (r.extra.get("convergence") or {} for r in records),
+        key=lambda c: c.get("value") if isinstance(c.get("value"), int | float) else -1.0,
+        default={},
+    )
+    measure = ""
+    if isinstance(worst.get("value"), int | float):
+        measure = (
+            f" (worst {_e(str(worst.get('measure', 'measure')).replace('_', ' '))} "
+            f"{_e(_num(worst['value'], signed=False))}, tolerance {_e(_num(worst.get('tolerance'), signed=False))})"
+        )
+    if bad:
+        trust = (
+            f'<span class="badge bad">not converged</span> {len(bad)} of {n} solves did not converge{measure}: '
+            "their rankings may be wrong (see the solver's warning for the setting to change)."
+        )
+    elif any(v is True for v in verdicts):
+        trust = f'<span class="badge ok">converged</span> every solve converged{measure}.'
+    else:
+        trust = "convergence was not measured by this solver."
+    flagged = sum(1 for r in records if r.flags)
+    if flagged:
+        trust += f" {flagged} quer{'y carries' if flagged == 1 else 'ies carry'} a note (on {'its' if flagged == 1 else 'their'} card)."
+    times = {str(key).split("/", 1)[1]: v for key, v in summary.items() if str(key).startswith("seconds/")}
+    took = ""
+    if times:
+        total = sum(v for v in times.values() if isinstance(v, int | float))
+        parts = ", ".join(f"{_e(key)} {_num(v, signed=False)} s" for key, v in times.items())
+        took = f"<dt>How long</dt><dd>{_num(total, signed=False)} s ({parts})</dd>"
+    return (
+        '<dl class="overview">'
+        f"<dt>What was explained</dt><dd>{_e(what)}: {_e(scored)}.</dd>"
+        f"<dt>Loss and curvature</dt><dd>the influence of the loss {_e(loss)}; s<sub>test</sub> by {how}.</dd>"
+        f"<dt>Can it be trusted?</dt><dd>{trust}</dd>"
+        f"{took}</dl>"
+    )
+
+
+def _tidy(text: str) -> str:
+    """Numbers inside a text for people: ``9.999999999999999e-06`` -> ``1e-05``, ``100000000000.0`` -> ``1e+11``."""
+    return re.sub(
+        r"(?<![\w.])-?\d+\.\d+(?:e[-+]?\d+)?(?![\w.])",
+        lambda m: format(float(m.group(0)), ".4g"),
+        text,
     )
 
 
@@ -283,10 +384,18 @@ def _summary_items(
 def _summary_html(items: list[tuple[str, Any]]) -> str:
     wide = ' class="wide"'
     cells = "".join(
-        f"<div{wide if len(_value(v)) > 28 else ''}><dt>{_e(str(k))}</dt><dd>{_unbroken(_value(v))}</dd></div>"
+        f"<div{wide if len(_value(v)) > 28 else ''}><dt>{_e(_key(k))}</dt><dd>{_unbroken(_value(v))}</dd></div>"
         for k, v in items
     )
     return f'<dl class="summary">{cells}</dl>'
+
+
+def _key(key: Any) -> str:
+    """A summary key for people: ``seconds/s_test`` -> ``time of s_test (s)``."""
+    text = str(key)
+    if text.startswith("seconds/"):
+        return f"time of {text.split('/', 1)[1].replace('_', ' ')} (s)"
+    return {"solver iterations (last)": "solver iterations (last batch of queries)"}.get(text, text)
 
 
 def _unbroken(text: str) -> str:
@@ -331,7 +440,7 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
 def _value(value: Any) -> str:
     if isinstance(value, float):
         return _num(value, signed=False)
-    return str(value)
+    return _tidy(str(value))
 
 
 def _num(value: Any, signed: bool = True) -> str:
@@ -344,7 +453,7 @@ def _num(value: Any, signed: bool = True) -> str:
         return str(value)
     sign = "+" if signed else ""
     if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-        return f"{value:{sign}.3e}"
+        return f"{value:{sign}.3g}"
     return f"{value:{sign}.4g}"
 
 

@@ -6,6 +6,7 @@ their inputs rendered (images inline, text as text) by the same rules as the inf
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 from lightning_fastif._files import atomic_write_text
 from lightning_fastif.reporting._items import ClassNames, ExampleCache, check_class_names, format_label
-from lightning_fastif.reporting.html import _CSS, _e, _flatten, _num, _thumb, _value
+from lightning_fastif.reporting.html import _CSS, _e, _flatten, _num, _summary_html, _thumb
 from lightning_fastif.reporting.render import Decoder, Renderer
 
 __all__ = [
@@ -65,7 +66,6 @@ def render_self_influence_html(
     )
     items: list[tuple[str, Any]] = [("training examples ranked", len(records))]
     items.extend(_flatten(dict(summary or {})))
-    cells = "".join(f"<div><dt>{_e(str(k))}</dt><dd>{_e(_value(v))}</dd></div>" for k, v in items)
     tiles = []
     for rec in list(records)[:top]:
         view = cache.get(int(rec["train_id"]))
@@ -91,7 +91,7 @@ def render_self_influence_html(
             '<p class="sub">Self-influence = grad L(z) &middot; (C + &lambda;I)<sup>-1</sup> grad L(z) &ge; 0: how far '
             "the model had to bend to fit each training example. The highest are the likeliest to be mislabelled "
             "or atypical.</p>",
-            f'<dl class="summary">{cells}</dl></header><main>',
+            f"{_summary_html(items)}</header><main>",
             f'<section class="query" id="self-influence"><h2>{_e(SELF_INFLUENCE_TITLE)}</h2>',
             f'<p class="legend">top {min(top, len(records))} of {len(records)}, highest self-influence first</p>',
             '<div class="row">' + "".join(tiles) + "</div></section>",
@@ -206,7 +206,22 @@ def write_self_influence_outputs(
     out = Path(output_dir)
     write_self_influence_jsonl(out / "self_influence.jsonl", records)
     if report:
-        summary = {"solver": repr(im.solver), "parameters": im._theta()[1].numel}
+        from lightning_fastif.solvers.auto import solver_record
+
+        rec = solver_record(im.solver)
+        conv = rec.get("convergence") or {}
+        summary = {
+            "solver": rec["solver"]
+            + (f" (auto: {rec['solver_choice'].split(':')[0]})" if rec.get("solver_choice") else ""),
+            "curvature": rec.get("curvature"),
+            "damping": rec.get("damping"),
+            "converged": rec.get("converged")
+            if conv.get("value") is None
+            else f"{rec.get('converged')} ({conv.get('measure')} {_num(conv['value'], signed=False)})",
+            "parameters": im._theta()[1].numel,
+            "solver settings": rec["solver_config"],
+        }
+        summary = {k: v for k, v in summary.items() if v is not None}
         summary.update({f"seconds/{k}": round(v, 3) for k, v in im.timings.items()})
         write_self_influence_report(
             out / "self_influence.html",
@@ -221,8 +236,29 @@ def write_self_influence_outputs(
             log_self_influence_to_wandb(
                 trainer.loggers, records, im.train_dataset, class_names=class_names, image_shape=image_shape
             )
+    rank_zero_info(screen_ranking(records, class_names))
     rank_zero_info(
         f"lightning_fastif: self-influence of {len(records)} training examples (solver {im.solver!r}) written to "
         f"{out.resolve()}/self_influence.{{jsonl,html}}"
     )
     return records
+
+
+def screen_ranking(records: Sequence[dict[str, Any]], class_names: Any = None, top: int = 10) -> str:
+    """The head of the ranking as a small table for the terminal (most likely mislabelled or atypical first)."""
+    lines = [
+        f"lightning_fastif: the {min(top, len(records))} training examples most likely mislabelled or atypical "
+        "(highest self-influence):",
+        f"  {'rank':>4}  {'train id':>8}  {'self-influence':>14}  {'loss':>8}  label",
+    ]
+    for rec in records[:top]:
+        label = rec.get("label")
+        if label is not None and class_names is not None:
+            with contextlib.suppress(IndexError, KeyError, TypeError):
+                label = f"{label} ({class_names[label]})"
+        loss = f"{rec['loss']:8.3g}" if rec.get("loss") is not None else f"{'':8}"
+        lines.append(
+            f"  {rec['rank']:>4}  {rec['train_id']:>8}  {rec['self_influence']:>14.4g}  {loss}  "
+            f"{'' if label is None else label}"
+        )
+    return "\n".join(lines)
