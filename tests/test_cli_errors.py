@@ -268,3 +268,22 @@ def test_wandb_banners_are_quiet_unless_asked_for(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["influence", "--help"])
     assert os.environ["WANDB_SILENT"] == "false"
+
+
+def test_the_librarys_warnings_print_as_one_plain_line_in_the_cli():
+    """A warning of ours read `.../reporting/writer.py:217: UserWarning: lightning_fastif: settings changed...`."""
+    import warnings
+
+    import lightning_fastif.reporting.writer as writer_module
+    from lightning_fastif.cli.support import format_warning
+
+    ours = format_warning(
+        "lightning_fastif: settings changed: params", UserWarning, writer_module.__file__, 217
+    )
+    assert ours == "lightning_fastif: settings changed: params\n"
+    assert (
+        format_warning("vmap failed", UserWarning, writer_module.__file__, 3)
+        == "lightning_fastif: vmap failed\n"
+    )
+    theirs = format_warning("deprecated", DeprecationWarning, warnings.__file__, 10)
+    assert theirs.startswith(f"{warnings.__file__}:10: DeprecationWarning: deprecated")

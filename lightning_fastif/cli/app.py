@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -458,12 +459,16 @@ def main(args: list[str] | None = None) -> None:
         debug_requested,
         describe,
         early_error,
+        format_warning,
         lightning_info_gate,
         pop_flag,
         pop_option,
     )
     from lightning_fastif.threads import set_num_threads
 
+    warnings.formatwarning = (
+        format_warning  # the library's warnings as one plain line, like its other messages
+    )
     # W&B's own banners ("Tracking run...", "You can sync this run...") repeat what lightning_fastif says (the run
     # folder and its `wandb sync` command): quiet unless the user asked for them
     os.environ.setdefault("WANDB_SILENT", "true")

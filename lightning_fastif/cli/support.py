@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -387,3 +388,18 @@ def lightning_info_gate(reset: bool = True) -> LightningInfoGate:
         _GATE.discard()
         _GATE.hold = True
     return _GATE
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def format_warning(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    """How the command prints a warning: the library's own as one plain line (``lightning_fastif: ...``, with no
+    source path and line of our code in front of it), everyone else's as Python does."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        text = str(message)
+        return (text if text.startswith("lightning_fastif") else f"lightning_fastif: {text}") + "\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT = warnings.formatwarning
