@@ -269,3 +269,42 @@ def mean_agreement(rows: list[dict[str, float]]) -> dict[str, float]:
     out = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
     out["spearman_min"] = float(min(r["spearman"] for r in rows))
     return out
+
+
+def train_adam(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int = 0) -> float:
+    """Adam (lr 1e-3, batch 128, seeded order) on cross-entropy; returns the training accuracy."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def kronfluence_classification_task() -> Any:
+    """kronfluence's ``Task`` for a classifier on ``(x, y)`` batches: summed cross-entropy, labels drawn from the
+    model for the true Fisher (``sample=True``), the query's summed cross-entropy as the measurement."""
+    import torch.nn.functional as F
+    from kronfluence.task import Task
+
+    class Classification(Task):
+        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
+            x, y = batch
+            logits = model(x)
+            if sample:  # true Fisher: labels drawn from the model
+                with torch.no_grad():
+                    y = torch.multinomial(F.softmax(logits.detach(), -1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    return Classification()

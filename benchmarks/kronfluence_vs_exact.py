@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from _common import (
     agreement,
+    kronfluence_classification_task,
     load_mnist,
     machine_info,
     mean_agreement,
@@ -51,26 +51,15 @@ from _common import (
     save_json,
     set_threads,
 )
+from _common import (
+    train_adam as train,
+)
 from _reference import HandMLP, block_cg64
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import lightning_fastif as lf
 from lightning_fastif.functional.solvers.spectrum import clear_spectrum_cache
-
-
-def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int = 0) -> float:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
 
 
 def queries(model: nn.Module, xt: Tensor, yt: Tensor, q: int) -> tuple[Tensor, Tensor, int]:
@@ -154,24 +143,10 @@ def kronfluence_ekfac(
 
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    class Classification(Task):
-        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
-            x, y = batch
-            logits = model(x)
-            if sample:  # true Fisher: labels drawn from the model
-                with torch.no_grad():
-                    y = torch.multinomial(F.softmax(logits.detach(), -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
-            x, y = batch
-            return F.cross_entropy(model(x), y, reduction="sum")
 
     tmp = Path(tempfile.mkdtemp(prefix="kron_"))
     start = time.perf_counter()
-    task = Classification()
+    task = kronfluence_classification_task()
     kmodel = prepare_model(copy.deepcopy(model).eval(), task)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         analyzer = Analyzer(

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from _common import (
     agreement,
+    kronfluence_classification_task,
     load_digits_split,
     machine_info,
     mean_agreement,
@@ -234,22 +235,8 @@ def kronfluence_ekfac(pb: Problem) -> dict[str, Any]:
 
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
 
-    class Classification(Task):
-        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
-            x, y = batch
-            logits = model(x)
-            if sample:  # true Fisher: labels drawn from the model
-                with torch.no_grad():
-                    y = torch.multinomial(F.softmax(logits.detach(), -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
-            x, y = batch
-            return F.cross_entropy(model(x), y, reduction="sum")
-
-    task = Classification()
+    task = kronfluence_classification_task()
     model = prepare_model(pb.fresh_model(), task)
     analyzer = Analyzer(
         "bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=str(pb.tmp / "kron"),

@@ -38,7 +38,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from _common import (
     agreement,
     load_mnist,
@@ -49,25 +48,14 @@ from _common import (
     save_json,
     set_threads,
 )
+from _common import (
+    train_adam as train,
+)
 from _reference import HandMLP, cg64, lanczos64
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
 import lightning_fastif as lf
-
-
-def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int = 0) -> float:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
 
 
 def problem(activation: str, n_train: int, hidden: int, n_queries: int, epochs: int) -> dict[str, Any]:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from _common import (
     agreement,
+    kronfluence_classification_task,
     load_mnist,
     machine_info,
     mean_agreement,
@@ -312,26 +313,12 @@ def cg_library(pb: dict[str, Any], v: Tensor, damping: float) -> dict[str, Any]:
 
 
 def kronfluence_ekfac(pb: dict[str, Any], damping: float, tmp: Path) -> dict[str, Any]:
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    class Classification(Task):
-        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
-            x, y = batch
-            logits = model(x)
-            if sample:  # true Fisher: labels drawn from the model
-                with torch.no_grad():
-                    y = torch.multinomial(F.softmax(logits.detach(), -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
-            x, y = batch
-            return F.cross_entropy(model(x), y, reduction="sum")
-
     import copy
 
-    task = Classification()
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    task = kronfluence_classification_task()
     model = prepare_model(copy.deepcopy(pb["model"]), task)
     train_ds = TensorDataset(pb["x"], pb["y"])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
